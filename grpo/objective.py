@@ -26,7 +26,10 @@ def group_advantages(
     if scale not in SCALE_MODES:
         raise ValueError(f"scale must be one of {SCALE_MODES}, got {scale!r}")
     if group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (got {group_size}); GRPO needs a group to compare against")
+        raise ValueError(
+            f"group_size must be at least 2 (got {group_size}, for {rewards.numel()} rewards): "
+            f"GRPO needs a group to compare against"
+        )
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(
             f"rewards must be 1-D with a length that is a multiple of group_size: "

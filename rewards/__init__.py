@@ -1,0 +1,10 @@
+"""Reward functions: plain callables `f(prompts, completions, **columns) -> list[float | None]`.
+
+`completions` are decoded strings; `columns` are dataset fields, one value per completion. None means
+the reward does not apply to that completion. Nothing here depends on the trainer.
+"""
+
+from rewards.accuracy import AccuracyReward, accuracy_reward, parse_option
+from rewards.format import extract_answer, extract_think, format_reward
+
+__all__ = ["format_reward", "AccuracyReward", "accuracy_reward", "extract_answer", "extract_think", "parse_option"]
