@@ -1,0 +1,16 @@
+import pytest
+
+from data import make_toy_dataset, to_prompt_rows
+from grpo.tiny import build_tiny_model_and_processor
+
+
+@pytest.fixture(scope="session")
+def toy_rows():
+    return to_prompt_rows(make_toy_dataset(64, seed=0, image_size=56), source="toy")
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(toy_rows):
+    corpus = [row["question"] + " " + " ".join(row["options"]) + " " + row["explanation"] for row in toy_rows]
+    model, processor = build_tiny_model_and_processor(corpus=corpus, seed=0, min_pixels=56 * 56, max_pixels=56 * 56)
+    return model, processor

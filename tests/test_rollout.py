@@ -1,0 +1,88 @@
+import copy
+
+import torch
+
+from grpo.rollout import completion_logprobs, encode_prompts, forbidden_token_ids, generate
+
+
+def _setup(tiny_parts, toy_rows, n=3):
+    model, processor = tiny_parts
+    model = copy.deepcopy(model)
+    prompts = encode_prompts(processor, toy_rows[:n], list(range(n)), max_prompt_length=4096)
+    return model, processor, prompts
+
+
+def _boost(model, token_ids, amount=100.0):
+    """Make `token_ids` the most likely next tokens everywhere."""
+
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[..., token_ids] += amount
+        return output
+
+    model.lm_head.register_forward_hook(hook)
+
+
+def test_rollout_masks_eos_truncation_and_forbidden_tokens(tiny_parts, toy_rows):
+    model, processor, prompts = _setup(tiny_parts, toy_rows)
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    forbidden = forbidden_token_ids(tok)
+    # Make the vision tokens the most likely ones: they must still never be sampled.
+    _boost(model, forbidden)
+    g = torch.Generator().manual_seed(0)
+    out = generate(model, prompts, group_size=4, max_new_tokens=12, eos_token_ids=[eos],
+                   pad_token_id=tok.pad_token_id, forbidden_ids=forbidden, generator=g)
+    assert out.ids.shape[0] == 12 and out.ids.shape[1] <= 12
+    assert not torch.isin(out.ids, torch.tensor(forbidden)).any()
+    for ids, mask, truncated in zip(out.ids.tolist(), out.mask.tolist(), out.truncated.tolist()):
+        if eos in ids:
+            end = ids.index(eos)
+            assert mask == [1] * (end + 1) + [0] * (len(ids) - end - 1)
+            assert all(t == tok.pad_token_id for t in ids[end + 1:])
+            assert not truncated
+        else:
+            assert mask == [1] * len(ids) and truncated
+
+
+def test_eos_everywhere_ends_after_one_token(tiny_parts, toy_rows):
+    model, processor, prompts = _setup(tiny_parts, toy_rows, n=2)
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    _boost(model, [eos])
+    out = generate(model, prompts, group_size=2, max_new_tokens=10, eos_token_ids=[eos],
+                   pad_token_id=tok.pad_token_id, temperature=0.0)
+    assert out.ids.shape == (4, 1) and out.ids.eq(eos).all() and out.mask.eq(1).all() and not out.truncated.any()
+
+
+def test_logprobs_equal_plain_full_forward(tiny_parts, toy_rows):
+    """Our gathered log-probs == a plain forward on the processor's complete inputs (with mRoPE)."""
+    model, processor, prompts = _setup(tiny_parts, toy_rows)
+    tok = processor.tokenizer
+    g = torch.Generator().manual_seed(1)
+    out = generate(model, prompts, group_size=2, max_new_tokens=8, eos_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")],
+                   pad_token_id=tok.pad_token_id, forbidden_ids=forbidden_token_ids(tok), generator=g)
+    index = [i // 2 for i in range(6)]
+    ours = completion_logprobs(model, prompts.select(index), out.ids, out.mask, temperature=0.7)
+
+    for i in range(6):
+        row = toy_rows[index[i]]
+        text = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        enc = processor(text=[text], images=[row["image"]], return_tensors="pt")
+        n = int(out.mask[i].sum())
+        ids = out.ids[i, :n]
+        full = {k: v for k, v in enc.items()}
+        full["input_ids"] = torch.cat([enc["input_ids"], ids[None]], 1)
+        full["attention_mask"] = torch.ones_like(full["input_ids"])
+        full["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(ids[None])], 1)
+        with torch.no_grad():
+            logits = model(**full).logits[0, -n - 1:-1].double() / 0.7
+        expected = logits.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+        torch.testing.assert_close(ours[i, :n].double(), expected, atol=1e-5, rtol=1e-5)
+
+    # Without mm_token_type_ids the model silently falls back to 1-D positions: a different answer,
+    # which is what this test guards against.
+    full.pop("mm_token_type_ids")
+    with torch.no_grad():
+        wrong = model(**full).logits[0, -n - 1:-1].double() / 0.7
+    assert not torch.allclose(wrong.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1), expected, atol=1e-4)
