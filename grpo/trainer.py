@@ -1,0 +1,356 @@
+"""GRPO trainer: sample G completions per prompt -> score -> group advantages -> clipped update with KL.
+
+One training step:
+  1. `rollout`   take `prompts_per_step` rows, sample G completions each (grpo.rollout.generate);
+                 old-policy log-probs (only when num_iterations > 1) and reference log-probs (only when
+                 beta > 0) are computed here, without gradient.
+  2. `score`     call every reward function (async ones concurrently); weighted sum -> rewards [B*G].
+  3. advantages  grpo.objective.group_advantages, per group of G.
+  4. `update`    num_iterations optimizer updates, each accumulating gradients over micro-batches of
+                 `completions_per_micro_batch` completions, loss = grpo.objective.grpo_loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
+from .rollout import PromptBatch, completion_logprobs, encode_prompts, forbidden_token_ids, generate
+from .training import (
+    JsonlLog, Progress, freeze_vision_tower, load_checkpoint, load_model, load_processor, make_optimizer,
+    resolve_checkpoint, save_checkpoint, seed_everything,
+)
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO hyper-parameters. Defaults are the paper's (PathVLM-R1) where it gives them."""
+
+    output_dir: str = "runs/grpo"  # metrics.jsonl, completions.jsonl and checkpoints go here
+    # rollout
+    group_size: int = 4  # G: completions sampled per prompt
+    prompts_per_step: int = 8  # prompts per training step; completions per step = prompts_per_step * G
+    completions_per_micro_batch: int = 8  # completions per forward/backward (gradient accumulation unit)
+    max_prompt_length: int = 1024  # longer prompts are an error naming the row (never cut through an image)
+    max_completion_length: int = 1024  # new tokens per completion
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    # objective (SPEC 2)
+    beta: float = 0.04  # KL coefficient; 0 loads no reference model
+    epsilon_low: float = 0.2  # lower clip: rho >= 1 - epsilon_low
+    epsilon_high: float | None = None  # upper clip: rho <= 1 + epsilon_high (None = epsilon_low; DAPO 0.28)
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    scale_rewards: str = "group"  # group | batch | none
+    num_iterations: int = 1  # mu: optimizer updates per rollout batch
+    mask_truncated_completions: bool = False  # drop completions without EOS from the loss (DAPO)
+    # optimisation
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 0  # in optimizer updates
+    lr_scheduler: str = "constant"  # constant | cosine
+    max_grad_norm: float = 1.0
+    max_steps: int = 2000  # training steps (rollouts)
+    seed: int = 0
+    freeze_vision_tower: bool = True  # the paper trains the language model only
+    dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
+    # logging and checkpoints
+    log_completions: int = 4  # completions per step written to completions.jsonl (0 = none)
+    eval_steps: int = 0  # evaluate on eval_dataset every N steps (0 = off)
+    eval_batch_size: int = 32
+    save_steps: int = 500  # 0 = only at the end
+    save_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be at least 2 (got {self.group_size}): advantages compare within a group")
+        completions = self.prompts_per_step * self.group_size
+        if self.completions_per_micro_batch < 1 or completions % self.completions_per_micro_batch:
+            raise ValueError(
+                f"completions_per_micro_batch={self.completions_per_micro_batch} must divide the completions per "
+                f"step = prompts_per_step {self.prompts_per_step} x group_size {self.group_size} = {completions}"
+            )
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+        if self.scale_rewards not in SCALE_MODES:
+            raise ValueError(f"unknown scale_rewards {self.scale_rewards!r}; valid: {', '.join(SCALE_MODES)}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+
+
+@dataclass
+class Rollout:
+    """Everything one step carries from sampling to the update (prompt-major, completion i -> prompt i // G)."""
+
+    rows: list[dict]
+    prompts: PromptBatch  # B prompts
+    completion_ids: torch.Tensor  # [B*G, C]
+    completion_mask: torch.Tensor  # [B*G, C]
+    truncated: torch.Tensor  # [B*G]
+    texts: list[str] = field(default_factory=list)
+    old_logprobs: torch.Tensor | None = None  # [B*G, C] only when num_iterations > 1
+    ref_logprobs: torch.Tensor | None = None  # [B*G, C] only when beta > 0
+
+
+def reward_name(func) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def decode_completions(tokenizer, ids: torch.Tensor, mask: torch.Tensor, strip_ids: set[int]) -> list[str]:
+    """Decode without skipping special tokens (the <think>/<answer> tags may be special), minus EOS/pad."""
+    return [
+        tokenizer.decode([t for t, m in zip(row, row_mask) if m and t not in strip_ids], skip_special_tokens=False)
+        for row, row_mask in zip(ids.tolist(), mask.tolist())
+    ]
+
+
+def call_reward_functions(funcs, prompts, completions, columns) -> list[list[float | None]]:
+    """Call every reward function; coroutine functions (or ones returning awaitables) run concurrently."""
+
+    async def run_all():
+        pending, results = {}, [None] * len(funcs)
+        for i, func in enumerate(funcs):
+            try:
+                value = func(prompts=prompts, completions=completions, **columns)
+            except Exception as error:
+                raise RuntimeError(f"reward function {reward_name(func)!r} raised {type(error).__name__}: {error}") from error
+            if inspect.isawaitable(value):
+                pending[i] = value
+            else:
+                results[i] = value
+        for i, value in zip(pending, await asyncio.gather(*pending.values(), return_exceptions=True)):
+            if isinstance(value, BaseException):
+                raise RuntimeError(f"reward function {reward_name(funcs[i])!r} raised {type(value).__name__}: {value}") from value
+            results[i] = value
+        return results
+
+    results = asyncio.run(run_all())
+    for func, values in zip(funcs, results):
+        if values is None or len(values) != len(completions):
+            got = "None" if values is None else f"{len(values)} values"
+            raise RuntimeError(f"reward function {reward_name(func)!r} returned {got} for {len(completions)} completions")
+    return results
+
+
+def combine_rewards(results, weights) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum per completion (None counts 0) and each function's mean/std over its non-None values."""
+    per_func = torch.tensor([[float("nan") if v is None else float(v) for v in values] for values in results])  # [F, N]
+    total = (torch.nan_to_num(per_func, nan=0.0) * torch.tensor(weights)[:, None]).sum(0)
+    return total, per_func
+
+
+class Trainer:
+    """GRPO on a Hugging Face vision-language model.
+
+    `train_dataset`: a list (or indexable sequence) of rows; each row needs `prompt` (chat messages)
+    and `image` (PIL image or path) or `images`; every other field is passed to the reward functions
+    as a column. `reward_funcs`: callables `f(prompts, completions, **columns) -> list[float | None]`
+    (sync or async). `model`: a loaded model or a name/path for `from_pretrained`.
+    """
+
+    def __init__(self, model, processor, reward_funcs, train_dataset, config: GRPOConfig | None = None,
+                 reward_weights=None, ref_model=None, eval_dataset=None, eval_reward_funcs=None):
+        self.config = config or GRPOConfig()
+        cfg = self.config
+        seed_everything(cfg.seed)
+        self.model = load_model(model, cfg.dtype)
+        self.processor = load_processor(processor, model if isinstance(model, (str, os.PathLike)) else None)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not self.reward_funcs:
+            raise ValueError("at least one reward function is needed")
+        self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(self.reward_funcs)
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
+        self.train_dataset = train_dataset
+        if len(train_dataset) < cfg.prompts_per_step:
+            raise ValueError(f"train_dataset has {len(train_dataset)} rows, fewer than prompts_per_step={cfg.prompts_per_step}")
+        for index, row in enumerate(train_dataset):
+            if not row.get("prompt"):
+                raise ValueError(f"train_dataset row {index}: missing field 'prompt' (chat messages)")
+        self.eval_dataset = eval_dataset
+        self.eval_reward_funcs = eval_reward_funcs or self.reward_funcs
+        if cfg.freeze_vision_tower:
+            freeze_vision_tower(self.model)
+        self.ref_model = None
+        if cfg.beta > 0:
+            self.ref_model = load_model(ref_model, cfg.dtype) if ref_model is not None else copy.deepcopy(self.model)
+            self.ref_model.eval().requires_grad_(False)
+        self.eos_ids = sorted({self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id} - {None})
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.forbidden = forbidden_token_ids(self.tokenizer)
+        total_updates = cfg.max_steps * cfg.num_iterations
+        self.optimizer, self.scheduler = make_optimizer(
+            self.model, cfg.learning_rate, cfg.weight_decay, cfg.adam_betas, cfg.warmup_steps, cfg.lr_scheduler, total_updates)
+        self.step = 0
+
+    # ------------------------------------------------------------------ data
+    def _rows_for_step(self, step: int) -> tuple[list[dict], list[int]]:
+        """Rows of a step: a seeded permutation per epoch, so the data position is a function of the step."""
+        n, per_step = len(self.train_dataset), self.config.prompts_per_step
+        indices = []
+        for k in range(step * per_step, (step + 1) * per_step):
+            epoch, offset = divmod(k, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
+            indices.append(int(order[offset]))
+        return [self.train_dataset[i] for i in indices], indices
+
+    # ------------------------------------------------------------------ stages
+    @torch.no_grad()
+    def rollout(self, rows: list[dict], row_indices: list[int], generator: torch.Generator) -> Rollout:
+        cfg = self.config
+        device = next(self.model.parameters()).device
+        prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(device)
+        self.model.eval()
+        out = generate(
+            self.model, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_completion_length,
+            eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, temperature=cfg.temperature, top_p=cfg.top_p,
+            top_k=cfg.top_k, forbidden_ids=self.forbidden, generator=generator,
+        )
+        batch = Rollout(rows, prompts, out.ids, out.mask, out.truncated)
+        batch.texts = decode_completions(self.tokenizer, out.ids, out.mask, set(self.eos_ids) | {self.pad_id})
+        if cfg.num_iterations > 1:
+            batch.old_logprobs = self._logprobs_all(self.model, batch)
+        if self.ref_model is not None:
+            batch.ref_logprobs = self._logprobs_all(self.ref_model, batch)
+        return batch
+
+    def _micro_batches(self, batch: Rollout):
+        size = self.config.completions_per_micro_batch
+        for start in range(0, batch.completion_ids.shape[0], size):
+            index = list(range(start, start + size))
+            prompts = batch.prompts.select([i // self.config.group_size for i in index])
+            yield index, prompts
+
+    def _logprobs_all(self, model, batch: Rollout) -> torch.Tensor:
+        parts = []
+        for index, prompts in self._micro_batches(batch):
+            parts.append(completion_logprobs(model, prompts, batch.completion_ids[index], batch.completion_mask[index],
+                                             self.config.temperature))
+        return torch.cat(parts)
+
+    def score(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards [B*G] (weighted sum) and the per-function matrix [F, B*G] (NaN where None)."""
+        G = self.config.group_size
+        rows = [row for row in batch.rows for _ in range(G)]
+        prompts = [row["prompt"] for row in rows]
+        columns = {key: [row.get(key) for row in rows] for key in batch.rows[0] if key != "prompt"}
+        results = call_reward_functions(self.reward_funcs, prompts, batch.texts, columns)
+        return combine_rewards(results, self.reward_weights)
+
+    def update(self, batch: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """num_iterations optimizer updates over the rollout; returns loss/kl/clip_ratio/grad_norm."""
+        cfg = self.config
+        self.model.train()
+        mask = batch.completion_mask.clone()
+        if cfg.mask_truncated_completions:
+            mask[batch.truncated] = 0
+        n = mask.shape[0]
+        totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+        for _ in range(cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for index, prompts in self._micro_batches(batch):
+                logprobs = completion_logprobs(self.model, prompts, batch.completion_ids[index], batch.completion_mask[index],
+                                               cfg.temperature)  # [b, C]
+                old = batch.old_logprobs[index] if batch.old_logprobs is not None else logprobs.detach()
+                ref = batch.ref_logprobs[index] if batch.ref_logprobs is not None else None
+                loss, stats = grpo_loss(
+                    logprobs, old, advantages[index], mask[index], ref_logprobs=ref, beta=cfg.beta,
+                    epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                    max_completion_length=cfg.max_completion_length, num_items_in_batch=mask.sum().clamp(min=1),
+                )
+                # dapo already divides by the step's token count; the others average over micro-batches.
+                weight = 1.0 if cfg.loss_type == "dapo" else len(index) / n
+                (loss * weight).backward()
+                totals["loss"] += float(loss) * weight / cfg.num_iterations
+                totals["kl"] += float(stats["kl"]) * len(index) / n / cfg.num_iterations
+                totals["clip_ratio"] += float(stats["clip_ratio"]) * len(index) / n / cfg.num_iterations
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            totals["grad_norm"] += float(grad_norm) / cfg.num_iterations
+            self.optimizer.step()
+            self.scheduler.step()
+        return totals
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> list[dict]:
+        cfg = self.config
+        resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+        if resume:
+            self.step = load_checkpoint(resume, self.model, self.optimizer, self.scheduler)["step"]
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        start = self.step if resume else None
+        metrics_log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
+        samples_log = JsonlLog(os.path.join(cfg.output_dir, "completions.jsonl"), start)
+        progress = Progress(cfg.max_steps, self.step, "grpo")
+        history = []
+        while self.step < cfg.max_steps:
+            t0 = time.time()
+            rows, row_indices = self._rows_for_step(self.step)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+            batch = self.rollout(rows, row_indices, generator)
+            rewards, per_func = self.score(batch)  # [B*G], [F, B*G]
+            advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)
+            stats = self.update(batch, advantages)
+            self.step += 1
+            record = self._metrics(batch, rewards, per_func, stats, time.time() - t0)
+            if cfg.eval_steps and self.eval_dataset is not None and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps):
+                record.update(self.evaluate())
+            metrics_log.write(record)
+            self._log_samples(samples_log, batch, rewards, advantages)
+            history.append(record)
+            progress.update(self.step, reward=record["reward"], kl=record["kl"])
+            if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.max_steps:
+                self.save(self.step)
+        return history
+
+    def evaluate(self) -> dict[str, float]:
+        from .evaluate import evaluate
+
+        result = evaluate(self.model, self.processor, self.eval_dataset, self.eval_reward_funcs,
+                          batch_size=self.config.eval_batch_size, max_completion_length=self.config.max_completion_length)
+        return {f"eval/{k}": v for k, v in result.items() if k != "records"}
+
+    def save(self, step: int) -> str:
+        return save_checkpoint(self.config.output_dir, step, self.model, self.processor, self.optimizer, self.scheduler,
+                               {"config": asdict(self.config)}, self.config.save_total_limit)
+
+    # ------------------------------------------------------------------ logging
+    def _metrics(self, batch: Rollout, rewards, per_func, stats, step_time) -> dict:
+        G = self.config.group_size
+        lengths = batch.completion_mask.sum(1).float()
+        record = {"step": self.step, **stats, "reward": rewards.mean().item(), "reward_std": rewards.std().item()}
+        for func, values in zip(self.reward_funcs, per_func):
+            valid = values[~values.isnan()]
+            name = reward_name(func)
+            record[f"rewards/{name}/mean"] = valid.mean().item() if len(valid) else None
+            record[f"rewards/{name}/std"] = valid.std().item() if len(valid) > 1 else None
+            if callable(getattr(func, "stats", None)):  # reward-side counters (e.g. a judge's)
+                for key, value in func.stats().items():
+                    record[f"{name}/{key}"] = value
+        record.update({
+            "lr": self.scheduler.get_last_lr()[0],
+            "completion_length/mean": lengths.mean().item(),
+            "completion_length/min": lengths.min().item(),
+            "completion_length/max": lengths.max().item(),
+            "truncated_frac": batch.truncated.float().mean().item(),
+            "frac_reward_zero_std": (rewards.view(-1, G).std(1) < 1e-6).float().mean().item(),
+            "step_time": step_time,
+            "tokens_per_sec": float(batch.completion_mask.sum()) / step_time,
+        })
+        return record
+
+    def _log_samples(self, log: JsonlLog, batch: Rollout, rewards, advantages) -> None:
+        for i in range(min(self.config.log_completions, len(batch.texts))):
+            row = batch.rows[i // self.config.group_size]
+            log.write({"step": self.step, "id": row.get("id"), "completion": batch.texts[i],
+                       "reward": rewards[i].item(), "advantage": advantages[i].item()})
