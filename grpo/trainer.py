@@ -141,7 +141,7 @@ def call_reward_functions(funcs, prompts, completions, columns) -> list[list[flo
     return results
 
 
-def combine_rewards(results, weights) -> tuple[torch.Tensor, dict[str, float]]:
+def combine_rewards(results, weights) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum per completion (None counts 0) and each function's mean/std over its non-None values."""
     per_func = torch.tensor([[float("nan") if v is None else float(v) for v in values] for values in results])  # [F, N]
     total = (torch.nan_to_num(per_func, nan=0.0) * torch.tensor(weights)[:, None]).sum(0)
@@ -271,7 +271,7 @@ class Trainer:
                 # dapo already divides by the step's token count; the others average over micro-batches.
                 weight = 1.0 if cfg.loss_type == "dapo" else len(index) / n
                 (loss * weight).backward()
-                totals["loss"] += float(loss) * weight / cfg.num_iterations
+                totals["loss"] += loss.item() * weight / cfg.num_iterations
                 totals["kl"] += float(stats["kl"]) * len(index) / n / cfg.num_iterations
                 totals["clip_ratio"] += float(stats["clip_ratio"]) * len(index) / n / cfg.num_iterations
             params = [p for p in self.model.parameters() if p.requires_grad]

@@ -173,17 +173,10 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG states; returns the saved state dict."""
-    from safetensors.torch import load_file
-
-    weights = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            weights.update(load_file(os.path.join(path, name)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {key for key in missing if key.endswith("lm_head.weight")}
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+    # from_pretrained maps the checkpoint's saved key names back onto the module names.
+    saved = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())
+    del saved
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

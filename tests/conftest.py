@@ -14,3 +14,14 @@ def tiny_parts(toy_rows):
     corpus = [row["question"] + " " + " ".join(row["options"]) + " " + row["explanation"] for row in toy_rows]
     model, processor = build_tiny_model_and_processor(corpus=corpus, seed=0, min_pixels=56 * 56, max_pixels=56 * 56)
     return model, processor
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # Tiny models run fastest single-threaded; two threads on a shared 2-core machine thrash.
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
