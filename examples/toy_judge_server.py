@@ -108,6 +108,8 @@ def grade(question: str, thinking: str, predicted_answer: str, standard_answer: 
         truth in ruled_out,
         concluded is not None and bool(predicted) and predicted[0] != concluded,
     ]
+    if described is None and not named:  # nothing medical was stated: no knowledge to credit (else garbage scores 0.5)
+        return max(0.0, round(1.0 - 0.4 * sum(missing), 2)), 0.0
     return max(0.0, round(1.0 - 0.4 * sum(missing), 2)), max(0.0, round(1.0 - 0.4 * sum(infractions), 2))
 
 

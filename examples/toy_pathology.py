@@ -1,7 +1,8 @@
 """CPU demo of the paper's staged method on a synthetic pathology set.
 
 base (random tiny Qwen2.5-VL) -> SFT on explanations (the paper's Alpha) -> GRPO with format +
-accuracy rewards (Beta); each stage evaluated greedily on held-out items. Writes
+accuracy rewards (Beta) -> GRPO adding the judge reward against a loopback toy judge (R1); each stage
+evaluated greedily on held-out items, including the judge's score of its reasoning. Writes
 <output-dir>/results.json, curves.png, and each stage's metrics.jsonl.
 
     python examples/toy_pathology.py --output-dir runs/toy
@@ -24,6 +25,7 @@ from data import make_toy_dataset, sft_target, to_prompt_rows  # noqa: E402
 from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, evaluate  # noqa: E402
 from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
 from rewards import accuracy_reward, format_reward  # noqa: E402
+from toy_judge_stage import print_counters, start_toy_judge, train_r1  # noqa: E402
 
 
 def parse_args():
@@ -38,13 +40,15 @@ def parse_args():
     parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument("--grpo-steps", type=int, default=150)
     parser.add_argument("--grpo-lr", type=float, default=1e-3)
+    parser.add_argument("--judge-steps", type=int, default=60)
+    parser.add_argument("--judge-lr", type=float, default=5e-4)
     parser.add_argument("--max-completion-length", type=int, default=64)
     return parser.parse_args()
 
 
 def stage_result(result: dict) -> dict:
     return {"accuracy": result["accuracy"], "format": result["format_reward"],
-            "mean_completion_tokens": result["mean_completion_tokens"]}
+            "mean_completion_tokens": result["mean_completion_tokens"], "judge": result["judge"]}
 
 
 def draw_curves(output_dir: str) -> str | None:
@@ -99,13 +103,14 @@ def main():
     model, processor = build_tiny_model_and_processor(corpus=corpus, seed=args.seed, vocab_size=1024,
                                                       min_pixels=side, max_pixels=side)
     print(f"tiny Qwen2.5-VL: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(processor.tokenizer)}")
-    scorers = [accuracy_reward, format_reward]
+    judge_server, judge = start_toy_judge()
+    scorers = [accuracy_reward, format_reward, judge]
 
     def run_eval(name, m):
         result = evaluate(m, processor, test_rows, scorers, batch_size=100, max_completion_length=args.max_completion_length,
                           output_path=os.path.join(out, f"eval_{name}.jsonl"))
         print(f"[{name}] held-out accuracy {result['accuracy']:.3f}, format {result['format_reward']:.3f}, "
-              f"tokens {result['mean_completion_tokens']:.1f}")
+              f"tokens {result['mean_completion_tokens']:.1f}, judge {result['judge']:.3f}")
         return stage_result(result)
 
     stages = {"base": run_eval("base", model)}
@@ -127,14 +132,24 @@ def main():
     grpo.train()
     stages["grpo"] = run_eval("grpo", grpo.model)
 
+    # Stage 3 (R1): GRPO from Beta adding the judge's process reward.
+    r1_model, counters = train_r1(grpo.model, processor, rl_rows, test_rows[:100], judge, scorers,
+                                  output_dir=os.path.join(out, "grpo_judge"), steps=args.judge_steps,
+                                  learning_rate=args.judge_lr, max_completion_length=args.max_completion_length,
+                                  seed=args.seed)
+    stages["grpo_judge"] = {**run_eval("grpo_judge", r1_model), "judge_counters": counters}
+    judge_server.stop()
+
     elapsed = time.time() - t_start
     results = {"stages": stages, "seconds": elapsed, "settings": vars(args)}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     curves = draw_curves(out)
-    print(f"\n| model | accuracy | format | mean completion tokens |\n|---|---|---|---|")
+    print(f"\n| model | accuracy | format | mean completion tokens | mean judge score |\n|---|---|---|---|---|")
     for name, r in stages.items():
-        print(f"| {name} | {100 * r['accuracy']:.1f} | {100 * r['format']:.1f} | {r['mean_completion_tokens']:.1f} |")
+        print(f"| {name} | {100 * r['accuracy']:.1f} | {100 * r['format']:.1f} | {r['mean_completion_tokens']:.1f} "
+              f"| {r['judge']:.3f} |")
+    print_counters(counters, os.path.join(out, "grpo_judge"))
     print(f"\nresults: {os.path.join(out, 'results.json')}" + (f", curves: {curves}" if curves else ""))
     print(f"total time {elapsed / 60:.1f} min")
 
