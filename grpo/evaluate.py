@@ -12,12 +12,13 @@ from .rollout import encode_prompts, forbidden_token_ids, generate
 
 @torch.no_grad()
 def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, max_completion_length: int = 1024,
-             max_prompt_length: int = 4096, output_path: str | None = None) -> dict:
+             max_prompt_length: int = 4096, output_path: str | None = None, synced: bool = False) -> dict:
     """Greedy-decode every row and score it.
 
     Returns {"accuracy": mean of the FIRST reward function (the accuracy), "<name>": mean of each
     function, "mean_completion_tokens": ..., "records": per-item dicts}. `output_path` (optional)
-    receives the records as JSON lines.
+    receives the records as JSON lines. `synced`: keep processes decoding in lockstep (DeepSpeed
+    ZeRO-3, where every process evaluates the same rows).
     """
     from .trainer import call_reward_functions, decode_completions, reward_name
 
@@ -33,7 +34,7 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         prompts = encode_prompts(processor, rows, list(range(start, start + len(rows))), max_prompt_length).to(device)
         out = generate(model, prompts, group_size=1, max_new_tokens=max_completion_length, eos_token_ids=eos_ids,
-                       pad_token_id=pad_id, temperature=0.0, forbidden_ids=forbidden_token_ids(tokenizer))
+                       pad_token_id=pad_id, temperature=0.0, forbidden_ids=forbidden_token_ids(tokenizer), synced=synced)
         texts = decode_completions(tokenizer, out.ids, out.mask, set(eos_ids) | {pad_id})
         columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
         scores = call_reward_functions(funcs, [row["prompt"] for row in rows], texts, columns)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .distributed import any_rank
+
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
 
 
@@ -181,11 +183,14 @@ def generate(
     top_k: int = 0,
     forbidden_ids: list[int] = (),
     generator: torch.Generator | None = None,
+    synced: bool = False,
 ) -> Completions:
     """Sample `group_size` completions per prompt with a KV cache (temperature 0: greedy).
 
     Each prompt is prefilled once (vision tower and prompt tokens run once), then its cache is
-    repeated G times for decoding.
+    repeated G times for decoding. `synced` (needed under DeepSpeed ZeRO-3, where every forward
+    gathers parameters collectively) keeps all processes decoding until the last one is done, so
+    a process whose completions end early does not leave the others hanging.
     """
     device = prompts.input_ids.device
     positions = _positions(model, prompts.input_ids, prompts.mm_token_type_ids, prompts.image_grid_thw, prompts.attention_mask)
@@ -214,7 +219,10 @@ def generate(
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         finished = finished | torch.isin(token, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        done = bool(finished.all())
+        if synced:
+            done = not any_rank(not done, device)
+        if done or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position = (next_position + step).view(1, n, 1).expand(3, n, 1)
