@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .config import ConfigMixin
 from .rollout import completion_logprobs, encode_prompts
 from .training import (
     JsonlLog, Progress, freeze_vision_tower, load_checkpoint, load_model, load_processor, make_optimizer,
@@ -20,7 +21,7 @@ from .training import (
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(ConfigMixin):
     """SFT hyper-parameters."""
 
     output_dir: str = "runs/sft"

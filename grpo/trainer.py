@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
+from .config import ConfigMixin
 from .rollout import PromptBatch, completion_logprobs, encode_prompts, forbidden_token_ids, generate
 from .training import (
     JsonlLog, Progress, freeze_vision_tower, load_checkpoint, load_model, load_processor, make_optimizer,
@@ -30,7 +31,7 @@ from .training import (
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(ConfigMixin):
     """GRPO hyper-parameters. Defaults are the paper's (PathVLM-R1) where it gives them."""
 
     output_dir: str = "runs/grpo"  # metrics.jsonl, completions.jsonl and checkpoints go here
