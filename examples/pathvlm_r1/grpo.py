@@ -66,7 +66,8 @@ def main(argv=None):
     model, processor = load_policy(config["model"], grpo_config.dtype)
     save_run_config(config, grpo_config.output_dir)
     trainer = Trainer(model, processor, reward_funcs, rows, grpo_config, reward_weights=weights)
-    return trainer.train()
+    trainer.train()
+    return trainer
 
 
 if __name__ == "__main__":

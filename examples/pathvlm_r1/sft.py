@@ -30,7 +30,9 @@ def main(argv=None):
         row["completion"] = sft_target(row)  # PathMMU's explanation is the reasoning to imitate
     model, processor = load_policy(config["model"], sft_config.dtype)
     save_run_config(config, sft_config.output_dir)
-    return SFTTrainer(model, processor, rows, sft_config).train()
+    trainer = SFTTrainer(model, processor, rows, sft_config)
+    trainer.train()
+    return trainer
 
 
 if __name__ == "__main__":
