@@ -107,13 +107,18 @@ def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(work
     evaluate = script("evaluate")
     eval_args = ["--config", os.path.join(CONFIGS, "eval.yaml"), "--set", f"models.base-7B={tiny}",
                  "--set", f"models.base-3B={tiny}", "--set", "max_completion_length=8", "--set", "batch_size=8",
-                 "--set", "max_prompt_length=4096", "--set", "dtype=float32", *[f"--set={o}" for o in DATA]]
+                 "--set", "max_prompt_length=4096", "--set", "dtype=float32", "--set", "omnimedvqa.per_dataset=2", *[f"--set={o}" for o in DATA]]
     summary = evaluate.main(eval_args)
     models = list(load_yaml(os.path.join(CONFIGS, "eval.yaml"))["models"])
     assert set(summary) == set(models) and all(summary[m]["PathMMU"]["items"] == 6 for m in models)
     for name in ("base-3B", "base-7B", "gamma-7B", "R1-7B"):  # the paper's Table 3 rows
         assert {d: summary[name][d]["items"] for d in summary[name]} == {
-            "PathMMU": 6, "Chest CT Scan": 3, "ISIC2020": 3, "Retinal OCT-C8": 3, "Diabetic Retinopathy": 3}
+            "PathMMU": 6, "Chest CT Scan": 2, "ISIC2020": 2, "Retinal OCT-C8": 2, "Diabetic Retinopathy": 2}
+    # The out-of-domain sample is one fixed sample: the same items for every model.
+    eval_dir = workdir / "runs" / "pathvlm_r1" / "eval" / "records"
+    sampled = [[json.loads(line)["id"] for line in (eval_dir / m / "ISIC2020.jsonl").read_text().splitlines()]
+               for m in ("base-3B", "R1-7B")]
+    assert sampled[0] == sampled[1] and len(set(sampled[0])) == 2
     assert set(summary["beta-7B"]) == {"PathMMU"}
 
     # Scores are exact match of the <answer> against the standard answer, recomputed here from the records.

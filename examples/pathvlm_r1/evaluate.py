@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 
 import torch
@@ -42,7 +43,7 @@ SECTIONS = {
     "dtype": "bfloat16",
     "paper": None,  # the paper's numbers, shown beside ours: {accuracy: {model: %}, tokens: {...}, ood: {model: [%...]}}
 }
-OMNI_KEYS = {"root": "data/OmniMedVQA", "datasets": None}
+OMNI_KEYS = {"root": "data/OmniMedVQA", "datasets": None, "per_dataset": None, "seed": 0}
 SCORERS = [accuracy_reward, format_reward]
 
 
@@ -56,7 +57,12 @@ def load_datasets(config: dict, source: str) -> dict[str, list[dict]]:
         rows = load_omnimedvqa(omni["root"], names, on_bad_item=data["on_bad_item"], min_pixels=data["min_pixels"],
                                max_pixels=data["max_pixels"])
         for name in names:
-            datasets[name] = to_prompt_rows([row for row in rows if row["source"] == name], source=f"OmniMedVQA {name}")
+            chosen = [row for row in rows if row["source"] == name]
+            if omni["per_dataset"] and len(chosen) > omni["per_dataset"]:
+                # A fixed random sample (same seed, same items for every model), in file order.
+                keep = set(random.Random(omni["seed"]).sample(range(len(chosen)), omni["per_dataset"]))
+                chosen = [row for k, row in enumerate(chosen) if k in keep]
+            datasets[name] = to_prompt_rows(chosen, source=f"OmniMedVQA {name}")
             print(f"data: {len(datasets[name])} rows of OmniMedVQA {name}")
     return datasets
 
