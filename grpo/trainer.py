@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
 from .config import ConfigMixin
+from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
 from .rollout import PromptBatch, completion_logprobs, encode_prompts, forbidden_token_ids, generate
 from .training import (
     JsonlLog, Progress, freeze_vision_tower, load_checkpoint, load_model, load_processor, make_optimizer,
