@@ -23,9 +23,18 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 
 
 def load_image(value, row_index: int, field: str = "image") -> Image.Image:
-    """A row's image as RGB: a PIL image or a path. Errors name the row and the field."""
+    """A row's image as RGB: a PIL image, a path, or a lazy image. Errors name the row and the field.
+
+    A lazy image is any object with an `open_image()` method returning a PIL image (for instance
+    `data.images.LazyImage`, which also resizes to a pixel budget); it is opened only here, per batch.
+    """
     if isinstance(value, Image.Image):
         return value.convert("RGB")
+    if callable(getattr(value, "open_image", None)):
+        try:
+            return value.open_image().convert("RGB")
+        except Exception as error:
+            raise ValueError(f"row {row_index}: field {field!r}: cannot open image {value!r}: {error}") from error
     if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
         try:
             with Image.open(value) as image:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .config import ConfigMixin
 from .distributed import Optimization, all_reduce_sum, is_main_process, shard, world
 from .rollout import completion_logprobs, encode_prompts
 from .training import (
@@ -21,7 +22,7 @@ from .training import (
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(ConfigMixin):
     """SFT hyper-parameters."""
 
     output_dir: str = "runs/sft"

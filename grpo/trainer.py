@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .config import ConfigMixin
 from .distributed import Optimization, all_gather_cat, all_reduce_sum, is_main_process, shard, world
 from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
 from .rollout import PromptBatch, completion_logprobs, encode_prompts, forbidden_token_ids, generate
@@ -31,7 +32,7 @@ from .training import (
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(ConfigMixin):
     """GRPO hyper-parameters. Defaults are the paper's (PathVLM-R1) where it gives them."""
 
     output_dir: str = "runs/grpo"  # metrics.jsonl, completions.jsonl and checkpoints go here
