@@ -76,6 +76,7 @@ class GRPOConfig(ConfigMixin):
     # path's numbers, less work). The policy forward falls back to the plain path under
     # gradient_checkpointing (no KV cache there); with freeze_vision_tower=False it runs the vision
     # tower again, once per prompt, with gradient. False = plain path: each completion its own prompt.
+    # Runs under DeepSpeed ZeRO-2/3 too (tests/test_distributed.py); benchmarks/README.md has the speed-up.
     shared_prefix: bool = True
     # logging and checkpoints
     log_completions: int = 4  # completions per step written to completions.jsonl (0 = none)
