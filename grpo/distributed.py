@@ -52,6 +52,9 @@ def init_distributed(use_deepspeed: bool) -> None:
     """
     if not (launched_distributed() or use_deepspeed) or (dist.is_available() and dist.is_initialized()):
         return
+    if "RANK" not in os.environ:  # DeepSpeed in a plain `python script.py`: a process group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if use_deepspeed:
         import deepspeed
@@ -61,6 +64,14 @@ def init_distributed(use_deepspeed: bool) -> None:
         dist.init_process_group(backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def default_device() -> torch.device:

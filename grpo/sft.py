@@ -100,14 +100,17 @@ class SFTTrainer:
         indices = shard(indices, "batch_size")
         return [self.train_dataset[i] for i in indices], indices
 
-    def loss(self, rows: list[dict], row_indices: list[int]) -> tuple[torch.Tensor, int]:
-        """Summed negative log-likelihood of the completion tokens and their count."""
+    def encode(self, rows: list[dict], row_indices: list[int]):
+        """Prompt inputs and right-padded target ids [N, T] with their mask, on this process's device."""
         cfg = self.config
         prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(self.device)
         ids, mask = encode_targets(self.tokenizer, [row["completion"] for row in rows], "<|im_end|>", cfg.max_completion_length)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        return prompts, ids.to(self.device), mask.to(self.device)
+
+    def loss(self, prompts, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Summed negative log-likelihood of the target tokens."""
         logprobs = completion_logprobs(self.opt.module, prompts, ids, mask)  # [N, T]
-        return -(logprobs * mask).sum(), int(mask.sum())
+        return -(logprobs * mask).sum()
 
     def train(self) -> list[dict]:
         cfg = self.config
@@ -127,13 +130,13 @@ class SFTTrainer:
             rows, indices = self._rows_for_step(self.step)
             # Token mean over the whole optimizer step (all processes), whatever the micro-batching:
             # the target token count is known before any forward, so each backward is weighted now.
-            chunks = [(rows[i : i + cfg.micro_batch_size], indices[i : i + cfg.micro_batch_size])
-                      for i in range(0, len(rows), cfg.micro_batch_size)]
-            local_tokens = sum(self._target_tokens(chunk) for chunk, _ in chunks)
-            tokens = float(all_reduce_sum(torch.tensor(float(local_tokens), device=self.device)))
+            micro_batches = [self.encode(rows[i : i + cfg.micro_batch_size], indices[i : i + cfg.micro_batch_size])
+                             for i in range(0, len(rows), cfg.micro_batch_size)]
+            local_tokens = sum(mask.sum() for _, _, mask in micro_batches).float()
+            tokens = float(all_reduce_sum(local_tokens))
             nll_total = 0.0
-            for chunk, chunk_indices in chunks:
-                nll, _ = self.loss(chunk, chunk_indices)
+            for prompts, ids, mask in micro_batches:
+                nll = self.loss(prompts, ids, mask)
                 # DeepSpeed averages gradients over processes; the factor `size` turns that into the sum.
                 self.opt.backward(nll * (size / tokens))
                 nll_total += nll.item()
@@ -151,8 +154,3 @@ class SFTTrainer:
                 save_checkpoint(cfg.output_dir, self.step, self.opt, self.processor, {"config": asdict(cfg)},
                                 cfg.save_total_limit)
         return history
-
-    def _target_tokens(self, rows: list[dict]) -> int:
-        _, mask = encode_targets(self.tokenizer, [row["completion"] for row in rows], "<|im_end|>",
-                                 self.config.max_completion_length)
-        return int(mask.sum())

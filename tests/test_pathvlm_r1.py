@@ -23,11 +23,13 @@ SCRIPTS = os.path.join(ROOT, "examples", "pathvlm_r1")
 CONFIGS = os.path.join(SCRIPTS, "configs")
 # In the order the README runs them: each stage reads the one before it.
 STAGES = [("alpha", "sft"), ("beta", "grpo"), ("r1", "grpo"), ("gamma", "sft"), ("delta", "sft"), ("epsilon", "grpo")]
+# One process without DeepSpeed, in float32 (the shipped configs say zero3 + bf16 for GPUs; the
+# DeepSpeed path itself is tested under torchrun in test_distributed.py).
 SMALL = {
     "sft": ["sft.max_steps=2", "sft.batch_size=2", "sft.micro_batch_size=2", "sft.warmup_steps=0",
-            "sft.max_completion_length=16", "sft.max_prompt_length=4096"],
+            "sft.max_completion_length=16", "sft.max_prompt_length=4096", "sft.deepspeed=null", "sft.dtype=float32"],
     "grpo": ["grpo.max_steps=2", "grpo.prompts_per_step=2", "grpo.completions_per_micro_batch=8",
-             "grpo.max_completion_length=8", "grpo.max_prompt_length=4096"],
+             "grpo.max_completion_length=8", "grpo.max_prompt_length=4096", "grpo.deepspeed=null", "grpo.dtype=float32"],
 }
 DATA = ["data.on_bad_item=skip", "data.max_pixels=3136"]
 
