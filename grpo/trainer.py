@@ -24,7 +24,9 @@ import torch
 from .config import ConfigMixin
 from .distributed import Optimization, all_gather_cat, all_reduce_sum, is_main_process, shard, world
 from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
-from .rollout import PromptBatch, completion_logprobs, encode_prompts, forbidden_token_ids, generate
+from .rollout import (
+    PromptBatch, encode_prompts, forbidden_token_ids, generate, group_logprobs, vision_towers_equal, with_image_features,
+)
 from .training import (
     JsonlLog, Progress, load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, save_checkpoint,
     seed_everything, setup_processes,
@@ -69,6 +71,13 @@ class GRPOConfig(ConfigMixin):
     deepspeed: str | dict | None = None  # None | "zero2" | "zero3" | path to a DeepSpeed JSON | a dict
     offload_optimizer: bool = False  # DeepSpeed: optimizer states in CPU memory
     offload_params: bool = False  # DeepSpeed ZeRO-3: parameters in CPU memory
+    # Share each prompt across its G completions: image features computed once per step, each prompt
+    # forwarded once per log-prob pass with its G completions attending to its KV cache (the plain
+    # path's numbers, less work). The policy forward falls back to the plain path under
+    # gradient_checkpointing (no KV cache there); with freeze_vision_tower=False it runs the vision
+    # tower again, once per prompt, with gradient. False = plain path: each completion its own prompt.
+    # Runs under DeepSpeed ZeRO-2/3 too (tests/test_distributed.py); benchmarks/README.md has the speed-up.
+    shared_prefix: bool = True
     # logging and checkpoints
     log_completions: int = 4  # completions per step written to completions.jsonl (0 = none)
     eval_steps: int = 0  # evaluate on eval_dataset every N steps (0 = off)
@@ -196,6 +205,9 @@ class Trainer:
         self.eval_reward_funcs = eval_reward_funcs or self.reward_funcs
         # The reference is copied before DeepSpeed partitions the policy.
         self.ref_model = prepare_reference_model(ref_model, self.model, cfg, self.device) if cfg.beta > 0 else None
+        # The reference may reuse the policy's image features only while both towers are the same and frozen.
+        self.ref_shares_vision = (
+            self.ref_model is not None and cfg.freeze_vision_tower and vision_towers_equal(self.model, self.ref_model))
         self.eos_ids = sorted({self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id} - {None})
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.forbidden = forbidden_token_ids(self.tokenizer)
@@ -227,6 +239,8 @@ class Trainer:
         cfg = self.config
         prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(self.device)
         self.opt.train(False)
+        if cfg.shared_prefix:
+            prompts = with_image_features(self.model, prompts)  # vision once, for the rollout and every pass
         out = generate(
             self.policy, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_completion_length,
             eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -235,24 +249,30 @@ class Trainer:
         batch = Rollout(rows, prompts, out.ids, out.mask, out.truncated)
         batch.texts = decode_completions(self.tokenizer, out.ids, out.mask, set(self.eos_ids) | {self.pad_id})
         if cfg.num_iterations > 1:
-            batch.old_logprobs = self._logprobs_all(self.policy, batch)
+            batch.old_logprobs = self._logprobs_all(self.policy, batch, batch.prompts)
         if self.ref_model is not None:
-            batch.ref_logprobs = self._logprobs_all(self.ref_model, batch)
+            ref_prompts = batch.prompts
+            if cfg.shared_prefix and not self.ref_shares_vision:
+                ref_prompts = with_image_features(self.ref_model, batch.prompts)
+            batch.ref_logprobs = self._logprobs_all(self.ref_model, batch, ref_prompts)
         return batch
 
-    def _micro_batches(self, batch: Rollout):
-        size = self.config.completions_per_micro_batch
+    def _micro_batches(self, batch: Rollout, prompts: PromptBatch):
+        """(completion indices, their distinct prompts, each completion's prompt among those) per micro-batch."""
+        size, G = self.config.completions_per_micro_batch, self.config.group_size
         for start in range(0, batch.completion_ids.shape[0], size):
             index = list(range(start, start + size))
-            prompts = batch.prompts.select([i // self.config.group_size for i in index])
-            yield index, prompts
+            groups = sorted({i // G for i in index})
+            yield index, prompts.select(groups), [groups.index(i // G) for i in index]
 
-    def _logprobs_all(self, model, batch: Rollout) -> torch.Tensor:
-        parts = []
-        for index, prompts in self._micro_batches(batch):
-            parts.append(completion_logprobs(model, prompts, batch.completion_ids[index], batch.completion_mask[index],
-                                             self.config.temperature))
-        return torch.cat(parts)
+    def _logprobs(self, model, batch: Rollout, index, prompts, prompt_index) -> torch.Tensor:
+        return group_logprobs(model, prompts, prompt_index, batch.completion_ids[index], batch.completion_mask[index],
+                              self.config.temperature, shared_prefix=self.config.shared_prefix)
+
+    def _logprobs_all(self, model, batch: Rollout, prompts: PromptBatch | None = None) -> torch.Tensor:
+        """Log-probs of every completion under `model` (`prompts`: batch.prompts by default)."""
+        parts = self._micro_batches(batch, batch.prompts if prompts is None else prompts)
+        return torch.cat([self._logprobs(model, batch, *part) for part in parts])
 
     def score(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards [B*G] (weighted sum) and the per-function matrix [F, B*G] (NaN where None)."""
@@ -292,10 +312,11 @@ class Trainer:
         step_tokens = all_reduce_sum(mask.sum().to(self.device).float()).clamp(min=1).cpu()  # dapo's num_items_in_batch
         advantages = advantages.to(self.device)
         totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+        # Cached image features carry no gradient: a trainable vision tower must see the pixels again.
+        prompts = batch.prompts if cfg.freeze_vision_tower else batch.prompts.without_features()
         for _ in range(cfg.num_iterations):
-            for index, prompts in self._micro_batches(batch):
-                logprobs = completion_logprobs(self.policy, prompts, batch.completion_ids[index], batch.completion_mask[index],
-                                               cfg.temperature)  # [b, C]
+            for index, micro_prompts, prompt_index in self._micro_batches(batch, prompts):
+                logprobs = self._logprobs(self.policy, batch, index, micro_prompts, prompt_index)  # [b, C]
                 old = batch.old_logprobs[index] if batch.old_logprobs is not None else logprobs.detach()
                 ref = batch.ref_logprobs[index] if batch.ref_logprobs is not None else None
                 loss, stats = grpo_loss(
