@@ -44,14 +44,15 @@ def parse_args(argv=None):
     parser.add_argument("--families", default="stain",
                         help=f"comma-separated question families among {', '.join(TOY_FAMILIES)}")
     parser.add_argument("--image-size", type=int, default=56)
-    parser.add_argument("--sft-items", type=int, default=1000)
-    parser.add_argument("--rl-items", type=int, default=1000)
+    parser.add_argument("--sft-items", type=int, default=500)
+    parser.add_argument("--rl-items", type=int, default=500)
     parser.add_argument("--test-items", type=int, default=200)
-    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--sft-lr", type=float, default=3e-3)
-    parser.add_argument("--grpo-steps", type=int, default=200)
+    parser.add_argument("--grpo-steps", type=int, default=300)
+    parser.add_argument("--prompts-per-step", type=int, default=16, help="GRPO prompts per step (x G=4 completions)")
     parser.add_argument("--grpo-lr", type=float, default=5e-4)
-    parser.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
+    parser.add_argument("--temperature", type=float, default=1.0, help="GRPO sampling temperature")
     parser.add_argument("--freeze-vision-tower", action="store_true",
                         help="freeze the vision tower in GRPO as the paper does (its tower is pretrained; ours is not)")
     parser.add_argument("--max-completion-length", type=int, default=64)
@@ -94,9 +95,9 @@ def sft_config(args, output_dir: str, steps: int) -> SFTConfig:
 def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0) -> GRPOConfig:
     # The paper's G=4 and beta=0.04. The paper freezes a pretrained vision tower; ours was trained
     # from scratch for a few hundred SFT steps, so by default GRPO may improve it too.
-    return GRPOConfig(output_dir=output_dir, group_size=4, prompts_per_step=8, temperature=args.temperature,
-                      freeze_vision_tower=args.freeze_vision_tower,
-                      completions_per_micro_batch=16 if args.deepspeed else 32,
+    return GRPOConfig(output_dir=output_dir, group_size=4, prompts_per_step=args.prompts_per_step,
+                      temperature=args.temperature, freeze_vision_tower=args.freeze_vision_tower,
+                      completions_per_micro_batch=16 if args.deepspeed else 4 * args.prompts_per_step,
                       max_completion_length=args.max_completion_length, learning_rate=args.grpo_lr, beta=0.04,
                       max_steps=steps, seed=args.seed, save_steps=0, eval_steps=eval_steps, eval_batch_size=100,
                       deepspeed=args.deepspeed)
