@@ -79,30 +79,39 @@ _CONCLUSION = {
 }
 
 
-def make_toy_dataset(n: int, seed: int = 0, image_size: int = 112) -> list[dict]:
+def make_toy_dataset(n: int, seed: int = 0, image_size: int = 112, families: tuple[str, ...] | None = None) -> list[dict]:
     """`n` synthetic items; the same seed and image_size always give identical rows and pixels.
 
     Each row: id, image (RGB PIL image), question, options ("A) ..." to "D) ..."), solution (one of
     the options), explanation (a short reasoning that eliminates the other options), attributes (the
     ground truth the tile was drawn from, plus `nuclei_count`), family and source ("toy").
+    `families` (optional) keeps only questions of those families: the first `n` such items of the
+    full sequence, so their ids and pixels are the same as in the unrestricted set.
     """
     if n < 0 or seed < 0 or image_size < 32:
         raise ValueError(f"need n >= 0, seed >= 0, image_size >= 32; got n={n}, seed={seed}, image_size={image_size}")
-    families = list(TOY_FAMILIES)
-    pairs = [(family, k) for family in families for k in range(4)]
+    all_families = list(TOY_FAMILIES)
+    wanted = set(all_families if families is None else families)
+    if not wanted or wanted - set(all_families):
+        raise ValueError(f"families must be a non-empty subset of {all_families}, got {families!r}")
+    pairs = [(family, k) for family in all_families for k in range(4)]
     rows = []
-    for i in range(n):
+    i = 0
+    while len(rows) < n:
         block, slot = divmod(i, len(pairs))
         family, answer_index = pairs[np.random.default_rng([seed, 0, block]).permutation(len(pairs))[slot]]
-        rng = np.random.default_rng([seed, 1, i])
-        attributes = {f: TOY_FAMILIES[f][rng.integers(4)].lower() for f in families}
+        i += 1
+        if family not in wanted:
+            continue
+        rng = np.random.default_rng([seed, 1, i - 1])
+        attributes = {f: TOY_FAMILIES[f][rng.integers(4)].lower() for f in all_families}
         attributes[family] = TOY_FAMILIES[family][answer_index].lower()
         image, count, diameter = _draw_tile(attributes, rng, image_size)
         attributes["nuclei_count"] = count
         options = [f"{letter}) {text}" for letter, text in zip(_LETTERS, TOY_FAMILIES[family])]
         rows.append(
             {
-                "id": f"toy-{seed}-{i}",
+                "id": f"toy-{seed}-{i - 1}",
                 "image": image,
                 "question": _QUESTIONS[family],
                 "options": options,

@@ -5,7 +5,12 @@ accuracy rewards (Beta) -> GRPO adding the judge reward against a loopback toy j
 evaluated greedily on held-out items, including the judge's score of its reasoning. Writes
 <output-dir>/results.json, curves.png, and each stage's metrics.jsonl.
 
-    python examples/toy_pathology.py --output-dir runs/toy
+    python examples/toy_pathology.py --output-dir runs/toy            # the whole demo (make demo)
+
+One stage alone, e.g. to try scale-out on this CPU (2 processes, DeepSpeed ZeRO-3, gloo):
+
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 examples/toy_pathology.py \\
+        --stage grpo --deepspeed zero3 --max-steps 3 --output-dir runs/toy_zero3
 """
 
 from __future__ import annotations
@@ -21,29 +26,85 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import make_toy_dataset, sft_target, to_prompt_rows  # noqa: E402
+from data import INSTRUCTION, SYSTEM_PROMPT, TOY_FAMILIES, make_toy_dataset, sft_target, to_prompt_rows  # noqa: E402
 from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, evaluate  # noqa: E402
+from grpo.distributed import is_main_process, launched_distributed  # noqa: E402
 from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
 from rewards import accuracy_reward, format_reward  # noqa: E402
 from toy_judge_stage import print_counters, start_toy_judge, train_r1  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/toy")
+    parser.add_argument("--stage", choices=["all", "sft", "grpo"], default="all",
+                        help="all: the staged demo; sft / grpo: that stage alone from --init (default: a fresh tiny model)")
+    parser.add_argument("--init", default=None, help="checkpoint directory to start a single stage from")
+    parser.add_argument("--deepspeed", default=None, help="zero2 | zero3 | a DeepSpeed JSON (single stages, under torchrun)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the stage's step count")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--families", default="stain",
+                        help=f"comma-separated question families among {', '.join(TOY_FAMILIES)}")
     parser.add_argument("--image-size", type=int, default=56)
-    parser.add_argument("--sft-items", type=int, default=1000)
-    parser.add_argument("--rl-items", type=int, default=1000)
+    parser.add_argument("--sft-items", type=int, default=500)
+    parser.add_argument("--rl-items", type=int, default=500)
     parser.add_argument("--test-items", type=int, default=200)
-    parser.add_argument("--sft-steps", type=int, default=60)
+    parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--sft-lr", type=float, default=3e-3)
-    parser.add_argument("--grpo-steps", type=int, default=150)
-    parser.add_argument("--grpo-lr", type=float, default=1e-3)
     parser.add_argument("--judge-steps", type=int, default=60)
     parser.add_argument("--judge-lr", type=float, default=5e-4)
+    parser.add_argument("--grpo-steps", type=int, default=300)
+    parser.add_argument("--prompts-per-step", type=int, default=16, help="GRPO prompts per step (x G=4 completions)")
+    parser.add_argument("--grpo-lr", type=float, default=5e-4)
+    parser.add_argument("--temperature", type=float, default=1.0, help="GRPO sampling temperature")
+    parser.add_argument("--freeze-vision-tower", action="store_true",
+                        help="freeze the vision tower in GRPO as the paper does (its tower is pretrained; ours is not)")
     parser.add_argument("--max-completion-length", type=int, default=64)
-    return parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def toy_rows(count: int, seed: int, args, source: str) -> list[dict]:
+    """`count` prompt rows of the chosen question families."""
+    families = tuple(args.families.split(","))
+    return to_prompt_rows(make_toy_dataset(count, seed=seed, image_size=args.image_size, families=families), source=source)
+
+
+def build_data(args):
+    sft_rows = toy_rows(args.sft_items, args.seed, args, "toy-sft")
+    rl_rows = toy_rows(args.rl_items, args.seed + 1, args, "toy-rl")
+    test_rows = toy_rows(args.test_items, args.seed + 2, args, "toy-test")
+    for row in sft_rows:
+        row["completion"] = sft_target(row)
+    return sft_rows, rl_rows, test_rows
+
+
+def build_model(args, sft_rows):
+    """The tiny model, or --init; the tokenizer is trained on the prompt and target text, so words are few tokens."""
+    if args.init:
+        return args.init, None
+    corpus = [SYSTEM_PROMPT, INSTRUCTION] * 20
+    corpus += [row["question"] + "\n" + "\n".join(row["options"]) + "\n" + row["completion"] for row in sft_rows[:300]]
+    side = args.image_size * args.image_size
+    return build_tiny_model_and_processor(corpus=corpus, seed=args.seed, vocab_size=1024, min_pixels=side, max_pixels=side)
+
+
+def sft_config(args, output_dir: str, steps: int) -> SFTConfig:
+    # The random vision tower is trained too: there is no pretrained encoder to keep (the paper
+    # freezes a pretrained one).
+    return SFTConfig(output_dir=output_dir, batch_size=16, micro_batch_size=8 if args.deepspeed else 16,
+                     learning_rate=args.sft_lr, max_steps=steps, warmup_steps=5, lr_scheduler="cosine",
+                     freeze_vision_tower=False, seed=args.seed, save_steps=0, deepspeed=args.deepspeed)
+
+
+def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0) -> GRPOConfig:
+    # The paper's G=4 and beta=0.04. The paper freezes a pretrained vision tower; ours was trained
+    # from scratch for a few hundred SFT steps, so by default GRPO may improve it too.
+    return GRPOConfig(output_dir=output_dir, group_size=4, prompts_per_step=args.prompts_per_step,
+                      temperature=args.temperature, freeze_vision_tower=args.freeze_vision_tower,
+                      completions_per_micro_batch=16 if args.deepspeed else 4 * args.prompts_per_step,
+                      max_completion_length=args.max_completion_length, learning_rate=args.grpo_lr, beta=0.04,
+                      max_steps=steps, seed=args.seed, save_steps=0, eval_steps=eval_steps, eval_batch_size=100,
+                      deepspeed=args.deepspeed)
 
 
 def stage_result(result: dict) -> dict:
@@ -86,22 +147,36 @@ def draw_curves(output_dir: str) -> str | None:
     return path
 
 
-def main():
-    args = parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+def run_single_stage(args, sft_rows, rl_rows):
+    """One stage, possibly under torchrun + DeepSpeed; metrics go to <output-dir>/metrics.jsonl."""
+    model, processor = build_model(args, sft_rows)
+    if args.stage == "sft":
+        trainer = SFTTrainer(model, processor, sft_rows, sft_config(args, args.output_dir, args.max_steps or args.sft_steps))
+    else:
+        trainer = Trainer(model, processor, [format_reward, accuracy_reward], rl_rows,
+                          grpo_config(args, args.output_dir, args.max_steps or args.grpo_steps))
+    t0 = time.time()
+    history = trainer.train()
+    if is_main_process():
+        print(f"[{args.stage}] {len(history)} steps in {time.time() - t0:.1f} s; metrics: "
+              f"{os.path.join(args.output_dir, 'metrics.jsonl')}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     t_start = time.time()
+    # The tiny model's ops are too small to gain from intra-op threads; several threads only contend.
+    torch.set_num_threads(1)
+    sft_rows, rl_rows, test_rows = build_data(args)
+    if args.stage != "all":
+        return run_single_stage(args, sft_rows, rl_rows)
+    if launched_distributed() or args.deepspeed:
+        raise SystemExit("the staged demo runs in one process; use --stage sft|grpo with torchrun / --deepspeed")
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
-
-    sft_rows = to_prompt_rows(make_toy_dataset(args.sft_items, seed=args.seed, image_size=args.image_size), source="toy-sft")
-    rl_rows = to_prompt_rows(make_toy_dataset(args.rl_items, seed=args.seed + 1, image_size=args.image_size), source="toy-rl")
-    test_rows = to_prompt_rows(make_toy_dataset(args.test_items, seed=args.seed + 2, image_size=args.image_size), source="toy-test")
-    for row in sft_rows:
-        row["completion"] = sft_target(row)
-    corpus = [row["question"] + "\n" + "\n".join(row["options"]) + "\n" + row["completion"] for row in sft_rows[:300]]
-    side = args.image_size * args.image_size
-    model, processor = build_tiny_model_and_processor(corpus=corpus, seed=args.seed, vocab_size=1024,
-                                                      min_pixels=side, max_pixels=side)
+    model, processor = build_model(args, sft_rows)
+    if isinstance(model, str):
+        raise SystemExit("--init applies to single stages (--stage sft|grpo)")
     print(f"tiny Qwen2.5-VL: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(processor.tokenizer)}")
     judge_server, judge = start_toy_judge()
     scorers = [accuracy_reward, format_reward, judge]
@@ -115,20 +190,15 @@ def main():
 
     stages = {"base": run_eval("base", model)}
 
-    # Stage 1 (Alpha): SFT on the explanations. The random vision tower is trained too: there is no
-    # pretrained encoder to keep (the paper freezes a pretrained one).
-    sft = SFTTrainer(model, processor, sft_rows, SFTConfig(
-        output_dir=os.path.join(out, "sft"), batch_size=16, micro_batch_size=16, learning_rate=args.sft_lr,
-        max_steps=args.sft_steps, warmup_steps=5, freeze_vision_tower=False, seed=args.seed, save_steps=0))
+    # Stage 1 (Alpha): SFT on the explanations.
+    sft = SFTTrainer(model, processor, sft_rows, sft_config(args, os.path.join(out, "sft"), args.sft_steps))
     sft.train()
     stages["sft"] = run_eval("sft", model)
 
-    # Stage 2 (Beta): GRPO from the SFT model with format + accuracy rewards, vision tower frozen.
-    grpo = Trainer(copy.deepcopy(model), processor, [format_reward, accuracy_reward], rl_rows, GRPOConfig(
-        output_dir=os.path.join(out, "grpo"), group_size=4, prompts_per_step=8, completions_per_micro_batch=32,
-        max_completion_length=args.max_completion_length, learning_rate=args.grpo_lr, beta=0.04, max_steps=args.grpo_steps,
-        seed=args.seed, save_steps=0, eval_steps=max(1, args.grpo_steps // 5), eval_batch_size=100),
-        eval_dataset=test_rows[:100], eval_reward_funcs=scorers)
+    # Stage 2 (Beta): GRPO from the SFT model with format + accuracy rewards.
+    grpo = Trainer(copy.deepcopy(model), processor, [format_reward, accuracy_reward], rl_rows,
+                   grpo_config(args, os.path.join(out, "grpo"), args.grpo_steps, eval_steps=max(1, args.grpo_steps // 5)),
+                   eval_dataset=test_rows[:100], eval_reward_funcs=scorers)
     grpo.train()
     stages["grpo"] = run_eval("grpo", grpo.model)
 
@@ -145,7 +215,7 @@ def main():
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     curves = draw_curves(out)
-    print(f"\n| model | accuracy | format | mean completion tokens | mean judge score |\n|---|---|---|---|---|")
+    print("\n| model | accuracy | format | mean completion tokens | mean judge score |\n|---|---|---|---|---|")
     for name, r in stages.items():
         print(f"| {name} | {100 * r['accuracy']:.1f} | {100 * r['format']:.1f} | {r['mean_completion_tokens']:.1f} "
               f"| {r['judge']:.3f} |")

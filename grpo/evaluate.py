@@ -8,50 +8,93 @@ import os
 import torch
 
 from .rollout import encode_prompts, forbidden_token_ids, generate
+from .training import Progress
 
 
 @torch.no_grad()
 def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, max_completion_length: int = 1024,
-             max_prompt_length: int = 4096, output_path: str | None = None) -> dict:
+             max_prompt_length: int = 4096, output_path: str | None = None, resume: bool = False,
+             progress: str | None = None, synced: bool = False) -> dict:
     """Greedy-decode every row and score it.
 
     Returns {"accuracy": mean of the FIRST reward function (the accuracy), "<name>": mean of each
-    function, "mean_completion_tokens": ..., "records": per-item dicts}. `output_path` (optional)
-    receives the records as JSON lines.
+    function, "mean_completion_tokens": ..., "records": per-item dicts in dataset order}.
+    `output_path` (optional) receives the records as JSON lines, appended batch by batch so an
+    interrupted run keeps what it finished. With `resume=True` the records already in `output_path`
+    are kept and their rows (matched by `id`, else by index) are not decoded again. `progress`: a
+    label to show a progress line on stderr with. `synced`: keep processes decoding in lockstep
+    (DeepSpeed ZeRO-3, where every process evaluates the same rows).
     """
     from .trainer import call_reward_functions, decode_completions, reward_name
 
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    names = [reward_name(f) for f in funcs]
     tokenizer = getattr(processor, "tokenizer", processor)
     eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
+    ids = [dataset[i].get("id", i) for i in range(len(dataset))]
+    done = _finished_records(output_path, names) if resume else {}
+    todo = [i for i in range(len(dataset)) if ids[i] not in done]
+    if output_path:
+        os.makedirs(os.path.dirname(output_path) or ".", exist_ok=True)
+        if not resume:
+            open(output_path, "w").close()
+    bar = Progress(len(todo), 0, progress) if progress and todo else None
     was_training = model.training
     model.eval()
-    records = []
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        prompts = encode_prompts(processor, rows, list(range(start, start + len(rows))), max_prompt_length).to(device)
+    for start in range(0, len(todo), batch_size):
+        index = todo[start : start + batch_size]
+        rows = [dataset[i] for i in index]
+        prompts = encode_prompts(processor, rows, index, max_prompt_length).to(device)
         out = generate(model, prompts, group_size=1, max_new_tokens=max_completion_length, eos_token_ids=eos_ids,
-                       pad_token_id=pad_id, temperature=0.0, forbidden_ids=forbidden_token_ids(tokenizer))
+                       pad_token_id=pad_id, temperature=0.0, forbidden_ids=forbidden_token_ids(tokenizer), synced=synced)
         texts = decode_completions(tokenizer, out.ids, out.mask, set(eos_ids) | {pad_id})
         columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
         scores = call_reward_functions(funcs, [row["prompt"] for row in rows], texts, columns)
-        for i, row in enumerate(rows):
-            record = {"id": row.get("id", start + i), "completion": texts[i], "tokens": int(out.mask[i].sum()),
-                      "truncated": bool(out.truncated[i])}
-            record.update({reward_name(f): s[i] for f, s in zip(funcs, scores)})
-            records.append(record)
+        batch_records = []
+        for k, i in enumerate(index):
+            record = {"id": ids[i], "completion": texts[k], "tokens": int(out.mask[k].sum()), "truncated": bool(out.truncated[k])}
+            record.update({name: s[k] for name, s in zip(names, scores)})
+            done[ids[i]] = record
+            batch_records.append(record)
+        if output_path:
+            with open(output_path, "a") as f:
+                f.writelines(json.dumps(record) + "\n" for record in batch_records)
+        if bar:
+            bar.update(start + len(index), accuracy=_mean([done[ids[i]][names[0]] for i in todo[: start + len(index)]]) or 0.0)
     model.train(was_training)
-    result = {}
-    for func in funcs:
-        values = [r[reward_name(func)] for r in records if r[reward_name(func)] is not None]
-        result[reward_name(func)] = sum(values) / len(values) if values else None
-    result = {"accuracy": result[reward_name(funcs[0])], **result,
-              "mean_completion_tokens": sum(r["tokens"] for r in records) / max(1, len(records)), "records": records}
-    if output_path:
-        os.makedirs(os.path.dirname(output_path) or ".", exist_ok=True)
-        with open(output_path, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-    return result
+    records = [done[i] for i in ids]
+    result = {name: _mean([r[name] for r in records]) for name in names}
+    return {"accuracy": result[names[0]], **result,
+            "mean_completion_tokens": sum(r["tokens"] for r in records) / max(1, len(records)), "records": records}
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _finished_records(path: str | None, names: list[str]) -> dict:
+    """Records already in `path` by id; a line cut by an interruption (the last one) is dropped."""
+    if not path or not os.path.exists(path):
+        return {}
+    done = {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the write that was interrupted
+            raise ValueError(f"{path}: line {number} is not valid JSON; delete the file to evaluate from scratch") from None
+        missing = [name for name in names if name not in record]
+        if missing:
+            raise ValueError(f"{path}: line {number}: no score for {', '.join(missing)}; these records were made with other "
+                             f"reward functions: delete the file or use another output path")
+        done[record["id"]] = record
+    # Rewrite without the cut line so appended records start on a line of their own.
+    with open(path, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in done.values())
+    return done

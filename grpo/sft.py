@@ -12,20 +12,22 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .config import ConfigMixin
+from .distributed import Optimization, all_reduce_sum, is_main_process, shard, world
 from .rollout import completion_logprobs, encode_prompts
 from .training import (
-    JsonlLog, Progress, freeze_vision_tower, load_checkpoint, load_model, load_processor, make_optimizer,
-    resolve_checkpoint, save_checkpoint, seed_everything,
+    JsonlLog, Progress, load_checkpoint, prepare_model, resolve_checkpoint, save_checkpoint, seed_everything,
+    setup_processes,
 )
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(ConfigMixin):
     """SFT hyper-parameters."""
 
     output_dir: str = "runs/sft"
-    batch_size: int = 8  # rows per optimizer step
-    micro_batch_size: int = 8  # rows per forward/backward; must divide batch_size
+    batch_size: int = 8  # rows per optimizer step, over all processes
+    micro_batch_size: int = 8  # rows per forward/backward on one process; must divide batch_size / processes
     max_prompt_length: int = 1024
     max_completion_length: int = 1024  # longer targets are cut (and counted in metrics)
     learning_rate: float = 1e-5
@@ -37,7 +39,11 @@ class SFTConfig:
     max_steps: int = 1000
     seed: int = 0
     freeze_vision_tower: bool = True
-    dtype: str = "auto"
+    dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    deepspeed: str | dict | None = None  # None | "zero2" | "zero3" | path to a DeepSpeed JSON | a dict
+    offload_optimizer: bool = False  # DeepSpeed: optimizer states in CPU memory
+    offload_params: bool = False  # DeepSpeed ZeRO-3: parameters in CPU memory
     save_steps: int = 500  # 0 = only at the end
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
@@ -66,19 +72,22 @@ class SFTTrainer:
     def __init__(self, model, processor, train_dataset, config: SFTConfig | None = None):
         self.config = config or SFTConfig()
         cfg = self.config
-        seed_everything(cfg.seed)
-        self.model = load_model(model, cfg.dtype)
-        self.processor = load_processor(processor, model if isinstance(model, (str, os.PathLike)) else None)
+        self.device = setup_processes(cfg)
+        rank, size = world()
+        if cfg.batch_size % size or (cfg.batch_size // size) % cfg.micro_batch_size:
+            raise ValueError(f"batch_size={cfg.batch_size} must split into {size} processes x whole micro-batches of "
+                             f"micro_batch_size={cfg.micro_batch_size}")
+        seed_everything(cfg.seed + rank)
+        self.model, self.processor = prepare_model(model, processor, cfg, self.device)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.train_dataset = train_dataset
         for index, row in enumerate(train_dataset):
             for key in ("prompt", "completion"):
                 if not row.get(key):
                     raise ValueError(f"train_dataset row {index}: missing field {key!r}")
-        if cfg.freeze_vision_tower:
-            freeze_vision_tower(self.model)
-        self.optimizer, self.scheduler = make_optimizer(
-            self.model, cfg.learning_rate, cfg.weight_decay, cfg.adam_betas, cfg.warmup_steps, cfg.lr_scheduler, cfg.max_steps)
+        self.opt = Optimization(self.model, cfg, total_updates=cfg.max_steps,
+                                micro_batches_per_update=cfg.batch_size // size // cfg.micro_batch_size,
+                                micro_batch_size=cfg.micro_batch_size)
         self.step = 0
 
     def _rows_for_step(self, step: int):
@@ -88,51 +97,60 @@ class SFTTrainer:
             epoch, offset = divmod(k, n)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
             indices.append(int(order[offset]))
+        indices = shard(indices, "batch_size")
         return [self.train_dataset[i] for i in indices], indices
 
-    def loss(self, rows: list[dict], row_indices: list[int]) -> tuple[torch.Tensor, int]:
-        """Summed negative log-likelihood of the completion tokens and their count."""
+    def encode(self, rows: list[dict], row_indices: list[int]):
+        """Prompt inputs and right-padded target ids [N, T] with their mask, on this process's device."""
         cfg = self.config
-        device = next(self.model.parameters()).device
-        prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(device)
+        prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(self.device)
         ids, mask = encode_targets(self.tokenizer, [row["completion"] for row in rows], "<|im_end|>", cfg.max_completion_length)
-        logprobs = completion_logprobs(self.model, prompts, ids.to(device), mask.to(device))  # [N, T]
-        return -(logprobs * mask.to(device)).sum(), int(mask.sum())
+        return prompts, ids.to(self.device), mask.to(self.device)
+
+    def loss(self, prompts, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Summed negative log-likelihood of the target tokens."""
+        logprobs = completion_logprobs(self.opt.module, prompts, ids, mask)  # [N, T]
+        return -(logprobs * mask).sum()
 
     def train(self) -> list[dict]:
         cfg = self.config
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume:
-            self.step = load_checkpoint(resume, self.model, self.optimizer, self.scheduler)["step"]
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), self.step if resume else None)
-        progress = Progress(cfg.max_steps, self.step, "sft")
+            self.step = load_checkpoint(resume, self.opt)["step"]
+        main = is_main_process()
+        if main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), self.step if resume else None) if main else None
+        progress = Progress(cfg.max_steps, self.step, "sft") if main else None
         history = []
-        self.model.train()
+        _, size = world()
+        self.opt.train(True)
         while self.step < cfg.max_steps:
             t0 = time.time()
             rows, indices = self._rows_for_step(self.step)
-            self.optimizer.zero_grad(set_to_none=True)
-            parts = []
-            for start in range(0, len(rows), cfg.micro_batch_size):
-                parts.append(self.loss(rows[start : start + cfg.micro_batch_size], indices[start : start + cfg.micro_batch_size]))
-            tokens = sum(count for _, count in parts)
-            # Token mean over the whole optimizer step, whatever the micro-batching.
-            for nll, _ in parts:
-                (nll / tokens).backward()
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
+            # Token mean over the whole optimizer step (all processes), whatever the micro-batching:
+            # the target token count is known before any forward, so each backward is weighted now.
+            micro_batches = [self.encode(rows[i : i + cfg.micro_batch_size], indices[i : i + cfg.micro_batch_size])
+                             for i in range(0, len(rows), cfg.micro_batch_size)]
+            local_tokens = sum(mask.sum() for _, _, mask in micro_batches).float()
+            tokens = float(all_reduce_sum(local_tokens))
+            nll_total = 0.0
+            for prompts, ids, mask in micro_batches:
+                nll = self.loss(prompts, ids, mask)
+                # DeepSpeed averages gradients over processes; the factor `size` turns that into the sum.
+                self.opt.backward(nll * (size / tokens))
+                nll_total += nll.item()
+            grad_norm = self.opt.step()
             self.step += 1
             step_time = time.time() - t0
-            record = {"step": self.step, "loss": sum(float(nll) for nll, _ in parts) / tokens, "grad_norm": float(grad_norm),
-                      "lr": self.scheduler.get_last_lr()[0], "tokens": tokens, "step_time": step_time,
-                      "tokens_per_sec": tokens / step_time}
-            log.write(record)
+            nll_total = float(all_reduce_sum(torch.tensor(nll_total, device=self.device)))
+            record = {"step": self.step, "loss": nll_total / tokens, "grad_norm": grad_norm, "lr": self.opt.lr,
+                      "tokens": int(tokens), "step_time": step_time, "tokens_per_sec": tokens / step_time}
             history.append(record)
-            progress.update(self.step, loss=record["loss"])
+            if main:
+                log.write(record)
+                progress.update(self.step, loss=record["loss"])
             if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.max_steps:
-                save_checkpoint(cfg.output_dir, self.step, self.model, self.processor, self.optimizer, self.scheduler,
-                                {"config": asdict(cfg)}, cfg.save_total_limit)
+                save_checkpoint(cfg.output_dir, self.step, self.opt, self.processor, {"config": asdict(cfg)},
+                                cfg.save_total_limit)
         return history

@@ -21,16 +21,20 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .config import ConfigMixin
+from .distributed import Optimization, all_gather_cat, all_reduce_sum, is_main_process, shard, world
 from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
-from .rollout import PromptBatch, completion_logprobs, encode_prompts, forbidden_token_ids, generate
+from .rollout import (
+    PromptBatch, encode_prompts, forbidden_token_ids, generate, group_logprobs, vision_towers_equal, with_image_features,
+)
 from .training import (
-    JsonlLog, Progress, freeze_vision_tower, load_checkpoint, load_model, load_processor, make_optimizer,
-    resolve_checkpoint, save_checkpoint, seed_everything,
+    JsonlLog, Progress, load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, save_checkpoint,
+    seed_everything, setup_processes,
 )
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(ConfigMixin):
     """GRPO hyper-parameters. Defaults are the paper's (PathVLM-R1) where it gives them."""
 
     output_dir: str = "runs/grpo"  # metrics.jsonl, completions.jsonl and checkpoints go here
@@ -62,6 +66,18 @@ class GRPOConfig:
     seed: int = 0
     freeze_vision_tower: bool = True  # the paper trains the language model only
     dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # scale-out (grpo/distributed.py); prompts_per_step is global and split evenly over the processes
+    deepspeed: str | dict | None = None  # None | "zero2" | "zero3" | path to a DeepSpeed JSON | a dict
+    offload_optimizer: bool = False  # DeepSpeed: optimizer states in CPU memory
+    offload_params: bool = False  # DeepSpeed ZeRO-3: parameters in CPU memory
+    # Share each prompt across its G completions: image features computed once per step, each prompt
+    # forwarded once per log-prob pass with its G completions attending to its KV cache (the plain
+    # path's numbers, less work). The policy forward falls back to the plain path under
+    # gradient_checkpointing (no KV cache there); with freeze_vision_tower=False it runs the vision
+    # tower again, once per prompt, with gradient. False = plain path: each completion its own prompt.
+    # Runs under DeepSpeed ZeRO-2/3 too (tests/test_distributed.py); benchmarks/README.md has the speed-up.
+    shared_prefix: bool = True
     # logging and checkpoints
     log_completions: int = 4  # completions per step written to completions.jsonl (0 = none)
     eval_steps: int = 0  # evaluate on eval_dataset every N steps (0 = off)
@@ -161,9 +177,17 @@ class Trainer:
                  reward_weights=None, ref_model=None, eval_dataset=None, eval_reward_funcs=None):
         self.config = config or GRPOConfig()
         cfg = self.config
-        seed_everything(cfg.seed)
-        self.model = load_model(model, cfg.dtype)
-        self.processor = load_processor(processor, model if isinstance(model, (str, os.PathLike)) else None)
+        self.device = setup_processes(cfg)
+        rank, size = world()
+        if cfg.prompts_per_step % size:
+            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes ({size})")
+        local_completions = cfg.prompts_per_step // size * cfg.group_size
+        if local_completions % cfg.completions_per_micro_batch:
+            raise ValueError(
+                f"completions_per_micro_batch={cfg.completions_per_micro_batch} must divide the completions per process = "
+                f"prompts_per_step {cfg.prompts_per_step} / {size} processes x group_size {cfg.group_size} = {local_completions}")
+        seed_everything(cfg.seed + rank)
+        self.model, self.processor = prepare_model(model, processor, cfg, self.device)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not self.reward_funcs:
@@ -179,19 +203,23 @@ class Trainer:
                 raise ValueError(f"train_dataset row {index}: missing field 'prompt' (chat messages)")
         self.eval_dataset = eval_dataset
         self.eval_reward_funcs = eval_reward_funcs or self.reward_funcs
-        if cfg.freeze_vision_tower:
-            freeze_vision_tower(self.model)
-        self.ref_model = None
-        if cfg.beta > 0:
-            self.ref_model = load_model(ref_model, cfg.dtype) if ref_model is not None else copy.deepcopy(self.model)
-            self.ref_model.eval().requires_grad_(False)
+        # The reference is copied before DeepSpeed partitions the policy.
+        self.ref_model = prepare_reference_model(ref_model, self.model, cfg, self.device) if cfg.beta > 0 else None
+        # The reference may reuse the policy's image features only while both towers are the same and frozen.
+        self.ref_shares_vision = (
+            self.ref_model is not None and cfg.freeze_vision_tower and vision_towers_equal(self.model, self.ref_model))
         self.eos_ids = sorted({self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id} - {None})
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.forbidden = forbidden_token_ids(self.tokenizer)
-        total_updates = cfg.max_steps * cfg.num_iterations
-        self.optimizer, self.scheduler = make_optimizer(
-            self.model, cfg.learning_rate, cfg.weight_decay, cfg.adam_betas, cfg.warmup_steps, cfg.lr_scheduler, total_updates)
+        self.opt = Optimization(self.model, cfg, total_updates=cfg.max_steps * cfg.num_iterations,
+                                micro_batches_per_update=local_completions // cfg.completions_per_micro_batch,
+                                micro_batch_size=cfg.completions_per_micro_batch)
         self.step = 0
+
+    @property
+    def policy(self):
+        """What forwards run on: the DeepSpeed engine when there is one, else the model."""
+        return self.opt.module
 
     # ------------------------------------------------------------------ data
     def _rows_for_step(self, step: int) -> tuple[list[dict], list[int]]:
@@ -202,41 +230,49 @@ class Trainer:
             epoch, offset = divmod(k, n)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
             indices.append(int(order[offset]))
+        indices = shard(indices, "prompts_per_step")  # this process's prompts; a group never spans processes
         return [self.train_dataset[i] for i in indices], indices
 
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
     def rollout(self, rows: list[dict], row_indices: list[int], generator: torch.Generator) -> Rollout:
         cfg = self.config
-        device = next(self.model.parameters()).device
-        prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(device)
-        self.model.eval()
+        prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(self.device)
+        self.opt.train(False)
+        if cfg.shared_prefix:
+            prompts = with_image_features(self.model, prompts)  # vision once, for the rollout and every pass
         out = generate(
-            self.model, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_completion_length,
+            self.policy, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_completion_length,
             eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, temperature=cfg.temperature, top_p=cfg.top_p,
-            top_k=cfg.top_k, forbidden_ids=self.forbidden, generator=generator,
+            top_k=cfg.top_k, forbidden_ids=self.forbidden, generator=generator, synced=self.opt.zero_stage == 3,
         )
         batch = Rollout(rows, prompts, out.ids, out.mask, out.truncated)
         batch.texts = decode_completions(self.tokenizer, out.ids, out.mask, set(self.eos_ids) | {self.pad_id})
         if cfg.num_iterations > 1:
-            batch.old_logprobs = self._logprobs_all(self.model, batch)
+            batch.old_logprobs = self._logprobs_all(self.policy, batch, batch.prompts)
         if self.ref_model is not None:
-            batch.ref_logprobs = self._logprobs_all(self.ref_model, batch)
+            ref_prompts = batch.prompts
+            if cfg.shared_prefix and not self.ref_shares_vision:
+                ref_prompts = with_image_features(self.ref_model, batch.prompts)
+            batch.ref_logprobs = self._logprobs_all(self.ref_model, batch, ref_prompts)
         return batch
 
-    def _micro_batches(self, batch: Rollout):
-        size = self.config.completions_per_micro_batch
+    def _micro_batches(self, batch: Rollout, prompts: PromptBatch):
+        """(completion indices, their distinct prompts, each completion's prompt among those) per micro-batch."""
+        size, G = self.config.completions_per_micro_batch, self.config.group_size
         for start in range(0, batch.completion_ids.shape[0], size):
             index = list(range(start, start + size))
-            prompts = batch.prompts.select([i // self.config.group_size for i in index])
-            yield index, prompts
+            groups = sorted({i // G for i in index})
+            yield index, prompts.select(groups), [groups.index(i // G) for i in index]
 
-    def _logprobs_all(self, model, batch: Rollout) -> torch.Tensor:
-        parts = []
-        for index, prompts in self._micro_batches(batch):
-            parts.append(completion_logprobs(model, prompts, batch.completion_ids[index], batch.completion_mask[index],
-                                             self.config.temperature))
-        return torch.cat(parts)
+    def _logprobs(self, model, batch: Rollout, index, prompts, prompt_index) -> torch.Tensor:
+        return group_logprobs(model, prompts, prompt_index, batch.completion_ids[index], batch.completion_mask[index],
+                              self.config.temperature, shared_prefix=self.config.shared_prefix)
+
+    def _logprobs_all(self, model, batch: Rollout, prompts: PromptBatch | None = None) -> torch.Tensor:
+        """Log-probs of every completion under `model` (`prompts`: batch.prompts by default)."""
+        parts = self._micro_batches(batch, batch.prompts if prompts is None else prompts)
+        return torch.cat([self._logprobs(model, batch, *part) for part in parts])
 
     def score(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards [B*G] (weighted sum) and the per-function matrix [F, B*G] (NaN where None)."""
@@ -247,38 +283,58 @@ class Trainer:
         results = call_reward_functions(self.reward_funcs, prompts, batch.texts, columns)
         return combine_rewards(results, self.reward_weights)
 
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Group-normalised advantages [B*G] of this process's completions.
+
+        Computed over every process's rewards, so scale_rewards="batch" divides by the std of the
+        whole step's batch, exactly as on one process; groups never span processes.
+        """
+        everything = all_gather_cat(rewards.to(self.device))  # [world*B*G]
+        advantages = group_advantages(everything, self.config.group_size, scale=self.config.scale_rewards)
+        rank, _ = world()
+        return advantages[rank * len(rewards) : (rank + 1) * len(rewards)].cpu()
+
     def update(self, batch: Rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """num_iterations optimizer updates over the rollout; returns loss/kl/clip_ratio/grad_norm."""
+        """num_iterations optimizer updates over the rollout; returns loss/kl/clip_ratio/grad_norm.
+
+        Micro-batch losses are weighted so that the update equals one over the whole step's batch
+        on a single process: every loss_type except dapo averages over sequences (each process's
+        mean, then DeepSpeed averages processes); dapo divides by the step's token count over all
+        processes, and is scaled by the world size to undo DeepSpeed's averaging.
+        """
         cfg = self.config
-        self.model.train()
+        _, size = world()
+        self.opt.train(True)
         mask = batch.completion_mask.clone()
         if cfg.mask_truncated_completions:
             mask[batch.truncated] = 0
         n = mask.shape[0]
+        step_tokens = all_reduce_sum(mask.sum().to(self.device).float()).clamp(min=1).cpu()  # dapo's num_items_in_batch
+        advantages = advantages.to(self.device)
         totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+        # Cached image features carry no gradient: a trainable vision tower must see the pixels again.
+        prompts = batch.prompts if cfg.freeze_vision_tower else batch.prompts.without_features()
         for _ in range(cfg.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            for index, prompts in self._micro_batches(batch):
-                logprobs = completion_logprobs(self.model, prompts, batch.completion_ids[index], batch.completion_mask[index],
-                                               cfg.temperature)  # [b, C]
+            for index, micro_prompts, prompt_index in self._micro_batches(batch, prompts):
+                logprobs = self._logprobs(self.policy, batch, index, micro_prompts, prompt_index)  # [b, C]
                 old = batch.old_logprobs[index] if batch.old_logprobs is not None else logprobs.detach()
                 ref = batch.ref_logprobs[index] if batch.ref_logprobs is not None else None
                 loss, stats = grpo_loss(
-                    logprobs, old, advantages[index], mask[index], ref_logprobs=ref, beta=cfg.beta,
+                    logprobs, old, advantages[index], mask[index].to(self.device), ref_logprobs=ref, beta=cfg.beta,
                     epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                    max_completion_length=cfg.max_completion_length, num_items_in_batch=mask.sum().clamp(min=1),
+                    max_completion_length=cfg.max_completion_length, num_items_in_batch=step_tokens.to(self.device),
                 )
-                # dapo already divides by the step's token count; the others average over micro-batches.
-                weight = 1.0 if cfg.loss_type == "dapo" else len(index) / n
-                (loss * weight).backward()
-                totals["loss"] += loss.item() * weight / cfg.num_iterations
+                weight = size if cfg.loss_type == "dapo" else len(index) / n
+                self.opt.backward(loss * weight)
+                totals["loss"] += loss.item() * (1.0 if cfg.loss_type == "dapo" else len(index) / n) / cfg.num_iterations
                 totals["kl"] += float(stats["kl"]) * len(index) / n / cfg.num_iterations
                 totals["clip_ratio"] += float(stats["clip_ratio"]) * len(index) / n / cfg.num_iterations
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            totals["grad_norm"] += float(grad_norm) / cfg.num_iterations
-            self.optimizer.step()
-            self.scheduler.step()
+            totals["grad_norm"] += self.opt.step() / cfg.num_iterations
+        # The step's loss / kl / clip_ratio: dapo's per-process losses add up, the others average.
+        reduced = all_reduce_sum(torch.tensor([totals["loss"], totals["kl"], totals["clip_ratio"]], device=self.device))
+        reduced = reduced.cpu()
+        totals["loss"] = float(reduced[0]) if cfg.loss_type == "dapo" else float(reduced[0]) / size
+        totals["kl"], totals["clip_ratio"] = float(reduced[1]) / size, float(reduced[2]) / size
         return totals
 
     # ------------------------------------------------------------------ loop
@@ -286,29 +342,33 @@ class Trainer:
         cfg = self.config
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume:
-            self.step = load_checkpoint(resume, self.model, self.optimizer, self.scheduler)["step"]
-        os.makedirs(cfg.output_dir, exist_ok=True)
+            self.step = load_checkpoint(resume, self.opt)["step"]
+        main = is_main_process()
+        if main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
         start = self.step if resume else None
-        metrics_log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
-        samples_log = JsonlLog(os.path.join(cfg.output_dir, "completions.jsonl"), start)
-        progress = Progress(cfg.max_steps, self.step, "grpo")
+        metrics_log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), start) if main else None
+        samples_log = JsonlLog(os.path.join(cfg.output_dir, "completions.jsonl"), start) if main else None
+        progress = Progress(cfg.max_steps, self.step, "grpo") if main else None
         history = []
+        rank, _ = world()
         while self.step < cfg.max_steps:
             t0 = time.time()
             rows, row_indices = self._rows_for_step(self.step)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+            generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + rank)
             batch = self.rollout(rows, row_indices, generator)
             rewards, per_func = self.score(batch)  # [B*G], [F, B*G]
-            advantages = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)
+            advantages = self.advantages(rewards)
             stats = self.update(batch, advantages)
             self.step += 1
             record = self._metrics(batch, rewards, per_func, stats, time.time() - t0)
             if cfg.eval_steps and self.eval_dataset is not None and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps):
                 record.update(self.evaluate())
-            metrics_log.write(record)
-            self._log_samples(samples_log, batch, rewards, advantages)
             history.append(record)
-            progress.update(self.step, reward=record["reward"], kl=record["kl"])
+            if main:
+                metrics_log.write(record)
+                self._log_samples(samples_log, batch, rewards, advantages)
+                progress.update(self.step, reward=record["reward"], kl=record["kl"])
             if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.max_steps:
                 self.save(self.step)
         return history
@@ -316,36 +376,44 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         from .evaluate import evaluate
 
-        result = evaluate(self.model, self.processor, self.eval_dataset, self.eval_reward_funcs,
-                          batch_size=self.config.eval_batch_size, max_completion_length=self.config.max_completion_length)
+        result = evaluate(self.policy, self.processor, self.eval_dataset, self.eval_reward_funcs,
+                          batch_size=self.config.eval_batch_size, max_completion_length=self.config.max_completion_length,
+                          synced=self.opt.zero_stage == 3)
         return {f"eval/{k}": v for k, v in result.items() if k != "records"}
 
     def save(self, step: int) -> str:
-        return save_checkpoint(self.config.output_dir, step, self.model, self.processor, self.optimizer, self.scheduler,
-                               {"config": asdict(self.config)}, self.config.save_total_limit)
+        return save_checkpoint(self.config.output_dir, step, self.opt, self.processor, {"config": asdict(self.config)},
+                               self.config.save_total_limit)
 
     # ------------------------------------------------------------------ logging
     def _metrics(self, batch: Rollout, rewards, per_func, stats, step_time) -> dict:
+        """One metrics.jsonl record for the whole step: per-completion values are gathered from every
+        process first, so the numbers do not depend on how many processes ran the step."""
         G = self.config.group_size
-        lengths = batch.completion_mask.sum(1).float()
+        per_completion = torch.cat([
+            rewards[:, None], per_func.T, batch.completion_mask.sum(1).float()[:, None], batch.truncated.float()[:, None],
+        ], dim=1)  # [B*G, 1 + F + 2]
+        gathered = all_gather_cat(per_completion.to(self.device)).cpu()
+        rewards, per_func = gathered[:, 0], gathered[:, 1 : 1 + len(self.reward_funcs)].T
+        lengths, truncated = gathered[:, -2], gathered[:, -1]
         record = {"step": self.step, **stats, "reward": rewards.mean().item(), "reward_std": rewards.std().item()}
         for func, values in zip(self.reward_funcs, per_func):
             valid = values[~values.isnan()]
             name = reward_name(func)
             record[f"rewards/{name}/mean"] = valid.mean().item() if len(valid) else None
             record[f"rewards/{name}/std"] = valid.std().item() if len(valid) > 1 else None
-            if callable(getattr(func, "stats", None)):  # reward-side counters (e.g. a judge's)
+            if callable(getattr(func, "stats", None)):  # reward-side counters (e.g. a judge's); this process's
                 for key, value in func.stats().items():
                     record[f"{name}/{key}"] = value
         record.update({
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.opt.lr,
             "completion_length/mean": lengths.mean().item(),
             "completion_length/min": lengths.min().item(),
             "completion_length/max": lengths.max().item(),
-            "truncated_frac": batch.truncated.float().mean().item(),
+            "truncated_frac": truncated.mean().item(),
             "frac_reward_zero_std": (rewards.view(-1, G).std(1) < 1e-6).float().mean().item(),
             "step_time": step_time,
-            "tokens_per_sec": float(batch.completion_mask.sum()) / step_time,
+            "tokens_per_sec": float(lengths.sum()) / step_time,
         })
         return record
 

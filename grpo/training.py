@@ -1,9 +1,9 @@
-"""What the GRPO and SFT trainers share: model loading, optimizer, metrics files, progress, checkpoints."""
+"""What the GRPO and SFT trainers share: process and model set-up, metrics files, progress, checkpoints."""
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import os
 import random
 import re
@@ -13,6 +13,10 @@ import time
 
 import numpy as np
 import torch
+
+from .distributed import (
+    barrier, deepspeed_config, default_device, init_distributed, is_main_process, launched_distributed, world, zero_stage,
+)
 
 
 def load_model(model, dtype: str = "auto"):
@@ -49,23 +53,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
-                   schedule: str, total_updates: int):
-    """AdamW over the trainable parameters with linear warmup then a constant or cosine schedule."""
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {schedule!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+def setup_processes(cfg) -> torch.device:
+    """Join the process group a launcher started (if any) and return this process's device."""
+    if launched_distributed() and not cfg.deepspeed:
+        raise ValueError(
+            f"launched with WORLD_SIZE={os.environ['WORLD_SIZE']} but deepspeed is None: multi-process training runs "
+            f"on DeepSpeed; set deepspeed='zero2' (replicated weights) or 'zero3' (sharded weights)")
+    init_distributed(bool(cfg.deepspeed))
+    return default_device()
 
-    def factor(update: int) -> float:
-        if update < warmup_steps:
-            return (update + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (update - warmup_steps) / max(1, total_updates - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def prepare_model(model, processor, cfg, device):
+    """Load (if given a name or path), move to `device` unless DeepSpeed places it, freeze the vision
+    tower if asked, and enable gradient checkpointing if asked. Returns (model, processor)."""
+    name = model if isinstance(model, (str, os.PathLike)) else None
+    model = load_model(model, cfg.dtype)
+    processor = load_processor(processor, name)
+    if not cfg.deepspeed:
+        model.to(device)
+    if cfg.freeze_vision_tower:
+        freeze_vision_tower(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # the rollout passes use_cache=True explicitly
+    return model, processor
+
+
+def prepare_reference_model(ref_model, policy, cfg, device):
+    """The frozen reference policy for the KL term: `ref_model` (name, path or model) or a copy of
+    the policy. Under ZeRO-3 it is sharded like the policy (an inference-only engine); otherwise
+    every process holds a full copy."""
+    ref = load_model(ref_model, cfg.dtype) if ref_model is not None else copy.deepcopy(policy)
+    ref.eval().requires_grad_(False)
+    if cfg.deepspeed:
+        ds = deepspeed_config(cfg.deepspeed, micro_batch_size=1, accumulation_steps=1, max_grad_norm=cfg.max_grad_norm,
+                              bf16=next(ref.parameters()).dtype == torch.bfloat16)
+        if zero_stage(ds) == 3:
+            import deepspeed
+
+            ds["zero_optimization"].pop("offload_optimizer", None)
+            engine, *_ = deepspeed.initialize(model=ref, config=ds)
+            engine.eval()
+            return engine
+    return ref.to(device)
 
 
 class JsonlLog:
@@ -121,34 +151,46 @@ class Progress:
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def save_checkpoint(output_dir: str, step: int, model, processor, optimizer, scheduler, extra: dict,
-                    total_limit: int | None) -> str:
+def save_checkpoint(output_dir: str, step: int, opt, processor, extra: dict, total_limit: int | None) -> str:
     """Write `checkpoint-<step>/` atomically: into a temporary directory, then renamed.
 
-    Holds the model and processor (`save_pretrained`, safetensors) and `trainer_state.pt` (optimizer,
-    scheduler, step, RNG states, `extra`). A crash mid-save leaves only a `.tmp` directory that
-    resume ignores.
+    Holds the model and processor (`save_pretrained`, safetensors, loadable by plain transformers;
+    under ZeRO-3 the shards are gathered first), `trainer_state.pt` (step, `extra`, and for a plain
+    run the optimizer and scheduler), one `rng_state_<rank>.pt` per process, and under DeepSpeed
+    the engine's own state in `deepspeed/`. A crash mid-save leaves only a `.tmp` directory that
+    resume ignores. Every process must call this (the gathers are collective).
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if processor is not None:
-        processor.save_pretrained(tmp)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-        **extra,
-    }
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if total_limit:
-        for old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    rank, _ = world()
+    main = is_main_process()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    state_dict = None
+    if opt.engine is not None and opt.zero_stage == 3:
+        state_dict = opt.engine._zero3_consolidated_16bit_state_dict()  # collective; the full weights on rank 0
+    if main:
+        opt.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        state = {"step": step, **extra}
+        if opt.engine is None:
+            state.update(optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict())
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    if opt.engine is not None:
+        opt.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(rng, os.path.join(tmp, f"rng_state_{rank}.pt"))
+    barrier()
+    if main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if total_limit:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -171,16 +213,32 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:
     return resume_from_checkpoint
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states; returns the saved state dict."""
-    # from_pretrained maps the checkpoint's saved key names back onto the module names.
-    saved = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
-    model.load_state_dict(saved.state_dict())
-    del saved
+def load_checkpoint(path: str, opt) -> dict:
+    """Restore weights, optimizer, scheduler and this process's RNG states; returns trainer_state.
+
+    A DeepSpeed checkpoint resumes on the same number of processes it was written by.
+    """
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    rank, size = world()
+    rng_path = os.path.join(path, f"rng_state_{rank}.pt")
+    if not os.path.isfile(rng_path):
+        raise ValueError(f"checkpoint {path} has no {os.path.basename(rng_path)}: it was written by fewer than {size} processes")
+    if opt.engine is not None:
+        loaded, _ = opt.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None:
+            raise ValueError(f"checkpoint {path} has no DeepSpeed state (deepspeed/); it was written without DeepSpeed")
+    else:
+        # from_pretrained maps the checkpoint's saved key names back onto the module names.
+        model = opt.model
+        saved = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict())
+        del saved
+        if "optimizer" not in state:
+            raise ValueError(f"checkpoint {path} was written by DeepSpeed; resume it with the same deepspeed setting")
+        opt.optimizer.load_state_dict(state["optimizer"])
+        opt.scheduler.load_state_dict(state["scheduler"])
+    rng = torch.load(rng_path, weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
     return state

@@ -198,3 +198,14 @@ def test_to_prompt_rows_reports_an_absent_key():
     del row["options"]
     with pytest.raises(ValueError, match=re.escape("dataset row 0: missing field 'options'")):
         to_prompt_rows([row])
+
+
+def test_family_subset_is_the_same_items_as_the_full_set():
+    full = make_toy_dataset(32, seed=5, image_size=56)
+    stain = make_toy_dataset(5, seed=5, image_size=56, families=("stain",))
+    expected = [row for row in full if row["family"] == "stain"][:5]
+    assert [row["id"] for row in stain] == [row["id"] for row in expected]
+    for a, b in zip(stain, expected):
+        assert a["solution"] == b["solution"] and a["image"].tobytes() == b["image"].tobytes()
+    with pytest.raises(ValueError, match="families"):
+        make_toy_dataset(2, families=("colour",))

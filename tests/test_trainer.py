@@ -345,7 +345,8 @@ def test_sft_loss_is_cross_entropy_on_the_assistant_tokens_only(tiny_parts, toy_
                                                                           micro_batch_size=3))
     with torch.no_grad():
         # One padded batch (left-padded prompts, right-padded completions of different lengths) ...
-        nll, count = trainer.loss(rows, [0, 1, 2])
+        prompts, ids, mask = trainer.encode(rows, [0, 1, 2])
+        nll, count = trainer.loss(prompts, ids, mask), int(mask.sum())
         # ... equals the sum of three independent single-row computations.
         expected = [_independent_sft_nll(trainer.model, processor, row) for row in rows]
     assert count == sum(n for _, n in expected)
@@ -359,8 +360,8 @@ def test_sft_loss_is_cross_entropy_on_the_assistant_tokens_only(tiny_parts, toy_
     lengths = encode_prompts(processor, [row, longer], [0, 1], 4096).attention_mask.sum(1).tolist()
     assert lengths[1] > lengths[0]
     with torch.no_grad():
-        _, count_short = trainer.loss([row], [0])
-        _, count_long = trainer.loss([longer], [0])
+        count_short = int(trainer.encode([row], [0])[2].sum())
+        count_long = int(trainer.encode([longer], [0])[2].sum())
     assert count_short == count_long == len(tokenizer(row["completion"], add_special_tokens=False)["input_ids"]) + 1
 
 

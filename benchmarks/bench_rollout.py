@@ -1,0 +1,90 @@
+"""Our rollout vs Hugging Face `generate(num_return_sequences=G)` on the same prompts.
+
+    python benchmarks/bench_rollout.py --config paper-shape-small --json benchmarks/results/rollout_paper-shape-small.json
+
+Ours: image features once per image, each prompt prefilled once, its KV cache repeated G times,
+then the sampling loop. HF: the prompt batch expanded G times (vision tower and prefill run G times
+per prompt), then its sampling loop. Same model, prompts, G, max_new_tokens, temperature 1, and EOS
+plus the vision tokens suppressed on both sides, so both produce exactly B * G * max_new_tokens
+tokens. The two alternate `--repeats` times in one process after one warm-up call each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from grpo.rollout import encode_prompts, forbidden_token_ids, generate, with_image_features  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(common.CONFIGS), default="tiny")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shape = common.CONFIGS[args.config]
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    model, processor = common.build(args.config)
+    model.eval()
+    tok = processor.tokenizer
+    G, C, B = shape["group_size"], shape["max_completion_length"], shape["prompts_per_step"]
+    rows = common.rows_for(args.config, B)
+    prompts = encode_prompts(processor, rows, list(range(B)), max_prompt_length=4096)
+    eos = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None})
+    suppressed = forbidden_token_ids(tok) + eos
+
+    def ours():
+        with torch.no_grad():
+            cached = with_image_features(model, prompts)
+            out = generate(model, cached, group_size=G, max_new_tokens=C, eos_token_ids=eos, pad_token_id=tok.pad_token_id,
+                           forbidden_ids=suppressed, generator=torch.Generator().manual_seed(0))
+        return out.ids
+
+    def hf():
+        out = model.generate(
+            input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, mm_token_type_ids=prompts.mm_token_type_ids,
+            pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw, do_sample=True, temperature=1.0,
+            top_p=1.0, top_k=0, num_return_sequences=G, max_new_tokens=C, suppress_tokens=suppressed,
+            eos_token_id=eos, pad_token_id=tok.pad_token_id,
+        )
+        return out[:, prompts.input_ids.shape[1]:]
+
+    sides = {"ours": ours, "hf_generate": hf}
+    times = {name: [] for name in sides}
+    for name, func in sides.items():  # warm-up, and both must produce every token
+        assert func().shape == (B * G, C), name
+    for repeat in range(args.repeats):
+        for name in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
+            start = time.perf_counter()
+            sides[name]()
+            times[name].append(time.perf_counter() - start)
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in sides), flush=True)
+    tokens = B * G * C
+    report = {"benchmark": "rollout", "config": args.config, "shape": shape, "tokens_per_rollout": tokens,
+              "prompt_tokens": int(prompts.attention_mask.sum(1).max()), "started": started, "machine": common.machine(),
+              "threads": args.threads, "repeats": args.repeats}
+    for name in sides:
+        median = statistics.median(times[name])
+        report.update({f"{name}_s_median": median, f"{name}_tokens_per_s": tokens / median, f"{name}_s": times[name]})
+    report["speedup"] = report["hf_generate_s_median"] / report["ours_s_median"]
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith("_s")}, indent=1))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

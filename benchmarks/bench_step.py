@@ -1,0 +1,181 @@
+"""One GRPO step, ours vs TRL's GRPOTrainer, on the same model, data and settings.
+
+    python benchmarks/bench_step.py --config paper-shape-small --against trl --json benchmarks/results/step_paper-shape-small.json
+
+Both sides load one saved random-weight model directory and train on the same `prompts_per_step`
+rows every step (the dataset is exactly those rows), with G=4, beta=0.04, loss_type grpo,
+num_iterations 1, temperature 1, the vision tower frozen, no gradient checkpointing, one forward
+per step over all completions, and EOS (and the vision tokens) suppressed in sampling so every
+completion runs to max_completion_length on both sides. Each side runs in its own subprocess (so
+peak RSS is its own); the subprocesses alternate, `--rounds` times, and each times `--steps` steps
+after `--warmup` untimed ones. A step is rollout + rewards + backward + optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+SIDES = ("ours", "trl", "ours-plain")
+
+
+def length_reward(prompts, completions, **columns):
+    """A cheap reward both trainers can call (TRL passes conversational completions as messages)."""
+    return [float(len(c if isinstance(c, str) else c[-1]["content"])) for c in completions]
+
+
+def run_ours(args, shape, rows, shared_prefix: bool) -> list[float]:
+    from grpo import GRPOConfig, Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GRPOConfig(
+            output_dir=out, group_size=shape["group_size"], prompts_per_step=shape["prompts_per_step"],
+            completions_per_micro_batch=shape["prompts_per_step"] * shape["group_size"], max_prompt_length=4096,
+            max_completion_length=shape["max_completion_length"], beta=0.04, loss_type="grpo", num_iterations=1,
+            temperature=1.0, learning_rate=1e-6, max_steps=args.warmup + args.steps, save_steps=0, log_completions=0,
+            freeze_vision_tower=True, dtype="float32", shared_prefix=shared_prefix, seed=0,
+        )
+        trainer = Trainer(args.model_dir, args.model_dir, [length_reward], rows, cfg)
+        trainer.forbidden = sorted(set(trainer.forbidden) | set(trainer.eos_ids))  # completions run to the limit
+        history = trainer.train()
+    assert all(h["completion_length/min"] == shape["max_completion_length"] for h in history)
+    return [h["step_time"] for h in history[args.warmup:]]
+
+
+def run_trl(args, shape, rows) -> list[float]:
+    from datasets import Dataset
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo.rollout import forbidden_token_ids
+
+    processor = AutoProcessor.from_pretrained(args.model_dir)
+    tok = processor.tokenizer
+    model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
+    model.model.visual.requires_grad_(False)  # frozen like ours (the paper trains the language model only)
+    eos = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None})
+    completions = shape["prompts_per_step"] * shape["group_size"]
+    times, marks = [], {}
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            marks["start"] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - marks["start"])
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GRPOConfig(
+            output_dir=out, num_generations=shape["group_size"], per_device_train_batch_size=completions,
+            gradient_accumulation_steps=1, max_completion_length=shape["max_completion_length"], beta=0.04,
+            loss_type="grpo", num_iterations=1, temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-6,
+            max_steps=args.warmup + args.steps, gradient_checkpointing=False, use_cpu=True, bf16=False,
+            report_to="none", save_strategy="no", logging_steps=1, shuffle_dataset=False,
+            dataloader_num_workers=0, seed=0, log_completions=False,
+            generation_kwargs={"suppress_tokens": forbidden_token_ids(tok) + eos},
+        )
+        dataset = Dataset.from_list([{"prompt": row["prompt"], "image": row["image"]} for row in rows])
+        trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=cfg, train_dataset=dataset,
+                              processing_class=processor, callbacks=[StepTimer()])
+        trainer.train()
+    lengths = [log["completions/min_length"] for log in trainer.state.log_history if "completions/min_length" in log]
+    assert lengths and all(n == shape["max_completion_length"] for n in lengths), lengths
+    return times[args.warmup:]
+
+
+def worker(args) -> None:
+    torch.set_num_threads(args.threads)
+    shape = common.CONFIGS[args.config]
+    rows = common.rows_for(args.config, shape["prompts_per_step"])  # every step: these prompts
+    if args.worker == "trl":
+        times = run_trl(args, shape, rows)
+    else:
+        times = run_ours(args, shape, rows, shared_prefix=args.worker == "ours")
+    print("RESULT " + json.dumps({"side": args.worker, "step_s": times, "peak_rss_mib": common.peak_rss_mib()}))
+
+
+def spawn(args, side: str, model_dir: str) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--config", args.config,
+               "--model-dir", model_dir, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{side} worker failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    print(f"  {side:10s} steps {[round(t, 3) for t in result['step_s']]}  peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(common.CONFIGS), default="tiny")
+    parser.add_argument("--against", choices=["trl"], default="trl")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the sides (one subprocess each)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per subprocess")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every side")
+    parser.add_argument("--with-plain", action="store_true", help="also time our plain path (shared_prefix=False)")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    sides = ["ours", args.against] + (["ours-plain"] if args.with_plain else [])
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    results = {side: [] for side in sides}
+    with tempfile.TemporaryDirectory() as model_dir:
+        model_info = common.save(args.config, model_dir)
+        print(f"{args.config}: {model_info}", flush=True)
+        for round_index in range(args.rounds):
+            print(f"round {round_index + 1}/{args.rounds}", flush=True)
+            order = sides if round_index % 2 == 0 else sides[::-1]  # alternate who goes first
+            for side in order:
+                results[side].append(spawn(args, side, model_dir))
+
+    def summary(side):
+        steps = [t for run in results[side] for t in run["step_s"]]
+        return {"step_s": steps, "step_s_median": statistics.median(steps),
+                "peak_rss_mib": max(run["peak_rss_mib"] for run in results[side])}
+
+    report = {
+        "benchmark": "grpo_step", "config": args.config, "shape": common.CONFIGS[args.config], "model": model_info,
+        "settings": {"beta": 0.04, "loss_type": "grpo", "num_iterations": 1, "temperature": 1.0,
+                     "freeze_vision_tower": True, "gradient_checkpointing": False, "eos_suppressed": True,
+                     "rounds": args.rounds, "timed_steps_per_round": args.steps, "warmup_steps_per_round": args.warmup,
+                     "threads": args.threads},
+        "started": started, "machine": common.machine(),
+    }
+    ours, theirs = summary("ours"), summary(args.against)
+    report.update({
+        "ours_step_s_median": ours["step_s_median"], f"{args.against}_step_s_median": theirs["step_s_median"],
+        "speedup": theirs["step_s_median"] / ours["step_s_median"],
+        "ours_peak_rss_mib": ours["peak_rss_mib"], f"{args.against}_peak_rss_mib": theirs["peak_rss_mib"],
+        "ours_step_s": ours["step_s"], f"{args.against}_step_s": theirs["step_s"],
+    })
+    if args.with_plain:
+        plain = summary("ours-plain")
+        report.update({"ours_plain_step_s_median": plain["step_s_median"], "ours_plain_peak_rss_mib": plain["peak_rss_mib"],
+                       "ours_plain_step_s": plain["step_s"], "shared_prefix_speedup": plain["step_s_median"] / ours["step_s_median"]})
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith("_step_s")}, indent=1))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

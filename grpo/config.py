@@ -1,0 +1,111 @@
+"""Configs from YAML files and `--set key=value` overrides, shared by every trainer config.
+
+A YAML file may start from another one with `extends: other.yaml` (a path relative to the file);
+its mappings are merged key by key, so a variant states only what differs from its parent.
+Unknown keys are errors that list the close matches: a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+
+
+def unknown_key_error(key: str, valid, where: str) -> ValueError:
+    """A ValueError for an unknown `key` in `where`, naming the closest valid keys."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return ValueError(f"{where}: unknown key {key!r}; {hint}valid keys: {', '.join(valid)}")
+
+
+def check_keys(values: dict, valid, where: str) -> None:
+    for key in values:
+        if key not in valid:
+            raise unknown_key_error(str(key), valid, where)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """A copy of `base` with `update` merged in: nested mappings key by key, anything else replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: str) -> dict:
+    """A YAML mapping, with `extends:` chains resolved (the child's keys win)."""
+    import yaml
+
+    with open(path) as f:
+        values = yaml.safe_load(f)
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
+    parent = values.pop("extends", None)
+    if parent is None:
+        return values
+    return merge(load_yaml(os.path.join(os.path.dirname(os.path.abspath(path)), parent)), values)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`"grpo.learning_rate=1e-6"` -> (["grpo", "learning_rate"], 1e-06); the value is a YAML scalar."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {text!r}: expected key=value (a dotted key for nested sections: grpo.beta=0.0)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"--set {text!r}: the value is not valid YAML: {error}") from error
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """A copy of `values` with each `key=value` override set (dotted keys reach into sections).
+
+    The value replaces what was there, whole: `--set judge=null` removes a section's settings.
+    """
+    result = dict(values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for key in path[:-1]:
+            node[key] = dict(node.get(key) or {})  # copies, so the caller's nested mappings stay untouched
+            node = node[key]
+        node[path[-1]] = value
+    return result
+
+
+class ConfigMixin:
+    """`from_dict` / `from_yaml` for a config dataclass: unknown keys rejected, YAML lists -> tuples."""
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config"):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        check_keys(values, fields, f"{source} ({cls.__name__})")
+        converted = {}
+        for key, value in values.items():
+            default = fields[key].default
+            # YAML has no tuples; a field whose default is a tuple (adam_betas) takes the list as one.
+            if isinstance(value, list) and isinstance(default, tuple):
+                value = tuple(value)
+            # YAML 1.1 reads 1e-6 (no dot) as a string; a float field takes it, or any int, as a number.
+            if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError(f"{source} ({cls.__name__}): {key} must be a number, got {value!r}") from None
+            converted[key] = value
+        return cls(**converted)
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides):
+        """Fields from a YAML file (a flat mapping of field names), then `overrides` on top."""
+        return cls.from_dict({**load_yaml(path), **overrides}, source=path)

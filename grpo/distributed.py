@@ -1,0 +1,274 @@
+"""Data parallelism: process-group helpers, DeepSpeed ZeRO configs, and the one optimisation interface
+both trainers use, whether they run as one plain PyTorch process or under DeepSpeed.
+
+Launch with any standard launcher (`torchrun --nproc_per_node N`, `deepspeed`, their multi-node
+flags); the trainers read RANK / WORLD_SIZE / LOCAL_RANK from the environment. With one process and
+`deepspeed=None` nothing here touches torch.distributed.
+
+`Optimization` hides the difference between the two update paths:
+  plain      AdamW + LambdaLR, gradients accumulated by repeated backward, clipped, stepped.
+  deepspeed  the same AdamW and schedule handed to `deepspeed.initialize`; the engine owns ZeRO
+             partitioning, gradient averaging across ranks, clipping and bf16.
+Either way a trainer calls `backward(loss)` per micro-batch and `step()` once per optimizer update,
+and weights its losses so that the update equals the single-process update on the global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+ZERO_PRESETS = ("zero2", "zero3")
+
+
+# ---------------------------------------------------------------- process group
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of this process; (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+def launched_distributed() -> bool:
+    """True when a launcher started several processes (WORLD_SIZE > 1 in the environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(use_deepspeed: bool) -> None:
+    """Initialise the process group once when a launcher asked for several processes (or DeepSpeed).
+
+    NCCL on GPUs, gloo otherwise (DeepSpeed on CPU needs DS_ACCELERATOR=cpu and gloo).
+    """
+    if not (launched_distributed() or use_deepspeed) or (dist.is_available() and dist.is_initialized()):
+        return
+    if "RANK" not in os.environ:  # DeepSpeed in a plain `python script.py`: a process group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    else:
+        dist.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_device() -> torch.device:
+    """This process's accelerator (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of `value` over ranks (a copy; `value` itself when there is one process)."""
+    if world()[1] == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_gather_cat(value: torch.Tensor) -> torch.Tensor:
+    """Concatenate each rank's `value` along dim 0, in rank order. Shapes must match across ranks
+    except dim 0; ragged dim 0 is padded for the exchange and trimmed after."""
+    rank, size = world()
+    if size == 1:
+        return value
+    length = torch.tensor([value.shape[0]], device=value.device)
+    lengths = [torch.zeros_like(length) for _ in range(size)]
+    dist.all_gather(lengths, length)
+    longest = int(max(int(n) for n in lengths))
+    padded = torch.zeros((longest, *value.shape[1:]), dtype=value.dtype, device=value.device)
+    padded[: value.shape[0]] = value
+    parts = [torch.zeros_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, lengths)])
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True if `flag` is True on any rank (used to keep ZeRO-3 decode loops in lockstep)."""
+    if world()[1] == 1:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item() > 0)
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def shard(items: list, name: str) -> list:
+    """This rank's contiguous share of `items`; its length must divide by the world size."""
+    rank, size = world()
+    if len(items) % size:
+        raise ValueError(f"{name}={len(items)} must be divisible by the number of processes ({size})")
+    per_rank = len(items) // size
+    return items[rank * per_rank : (rank + 1) * per_rank]
+
+
+# ---------------------------------------------------------------- DeepSpeed configs
+
+
+def deepspeed_config(spec, *, micro_batch_size: int, accumulation_steps: int, max_grad_norm: float, bf16: bool,
+                     offload_optimizer: bool = False, offload_params: bool = False) -> dict:
+    """A DeepSpeed config from a preset ("zero2" / "zero3"), a JSON path or a dict.
+
+    Batch sizes, gradient accumulation, clipping and bf16 always come from the trainer config, so
+    no number is given twice: a user JSON may leave them out or set them to "auto"; a different
+    explicit value is an error naming the key.
+    """
+    if isinstance(spec, dict):
+        config = copy.deepcopy(spec)
+    elif spec in ZERO_PRESETS:
+        stage = int(spec[-1])
+        zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
+        if stage == 3:
+            zero.update({"stage3_gather_16bit_weights_on_model_save": True})
+        config = {"zero_optimization": zero}
+    elif isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec):
+        with open(spec) as f:
+            config = json.load(f)
+    else:
+        raise ValueError(f"deepspeed must be one of {ZERO_PRESETS}, a path to a DeepSpeed JSON file or a dict; got {spec!r}")
+    _, size = world()
+    ours = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps,
+        "train_batch_size": micro_batch_size * accumulation_steps * size,
+        "gradient_clipping": max_grad_norm,
+    }
+    for key, value in ours.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ValueError(f"DeepSpeed config sets {key}={given!r} but the trainer config implies {value!r}; "
+                             f"remove it from the DeepSpeed config or set it to \"auto\"")
+        config[key] = value
+    config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
+    zero = config.setdefault("zero_optimization", {})
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_params:
+        if zero.get("stage") != 3:
+            raise ValueError("offload_params needs ZeRO stage 3 (deepspeed='zero3')")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    # We hand DeepSpeed our own torch AdamW; allow it next to CPU offload too.
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def zero_stage(config: dict | None) -> int:
+    return int((config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def make_optimizer(model, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
+                   schedule: str, total_updates: int):
+    """AdamW over the trainable parameters with linear warmup then a constant or cosine schedule."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {schedule!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+    def factor(update: int) -> float:
+        if update < warmup_steps:
+            return (update + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (update - warmup_steps) / max(1, total_updates - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Optimization:
+    """The model being trained, its optimizer and LR schedule, plain or under a DeepSpeed engine.
+
+    `module` is what forwards are called on (the engine under DeepSpeed); `model` is always the
+    underlying Hugging Face model. `micro_batches_per_update` is how many `backward` calls make one
+    update; DeepSpeed needs it for its config.
+    """
+
+    def __init__(self, model, cfg, total_updates: int, micro_batches_per_update: int, micro_batch_size: int):
+        self.model = model
+        self.max_grad_norm = cfg.max_grad_norm
+        self.optimizer, self.scheduler = make_optimizer(
+            model, cfg.learning_rate, cfg.weight_decay, cfg.adam_betas, cfg.warmup_steps, cfg.lr_scheduler, total_updates)
+        self.engine = None
+        self.ds_config = None
+        self._pending = 0
+        self.micro_batches_per_update = micro_batches_per_update
+        if cfg.deepspeed:
+            import deepspeed
+
+            bf16 = next(model.parameters()).dtype == torch.bfloat16
+            self.ds_config = deepspeed_config(
+                cfg.deepspeed, micro_batch_size=micro_batch_size, accumulation_steps=micro_batches_per_update,
+                max_grad_norm=cfg.max_grad_norm, bf16=bf16, offload_optimizer=cfg.offload_optimizer,
+                offload_params=cfg.offload_params)
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.ds_config)
+
+    @property
+    def module(self):
+        return self.engine if self.engine is not None else self.model
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.ds_config)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's (already weighted) loss."""
+        self._pending += 1
+        if self.engine is None:
+            loss.backward()
+            return
+        self.engine.set_gradient_accumulation_boundary(self._pending == self.micro_batches_per_update)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        """One optimizer update from the accumulated gradients; returns the global pre-clip grad norm."""
+        if self._pending != self.micro_batches_per_update:
+            raise RuntimeError(f"{self._pending} backward calls for an update of {self.micro_batches_per_update} micro-batches")
+        self._pending = 0
+        if self.engine is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)

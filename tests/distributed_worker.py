@@ -1,0 +1,172 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2` (DeepSpeed on CPU, gloo).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py SCENARIO ZERO OUT_DIR
+
+Scenarios:
+  update   a fixed rollout (the same one the test builds on one process) -> one Trainer.update and
+           the step's metrics; rank 0 writes loss, grad_norm, metrics and the updated weights.
+  uneven   ZeRO-3 generation where one process finishes at once and the other decodes to the limit.
+  resume   a 3-step GRPO run saving every step, then a run resumed from checkpoint-1; rank 0 writes
+           both runs' metrics. Also SFT: 2 steps, checkpoint, resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from data import make_toy_dataset, sft_target, to_prompt_rows  # noqa: E402
+from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer  # noqa: E402
+from grpo.distributed import is_main_process, world  # noqa: E402
+from grpo.rollout import generate  # noqa: E402
+from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
+from grpo.trainer import Rollout  # noqa: E402
+
+PROMPTS = 4  # over all processes
+GROUP = 2
+LENGTH = 6
+
+
+def tiny():
+    rows = to_prompt_rows(make_toy_dataset(16, seed=0, image_size=56), source="toy")
+    corpus = [row["question"] + " " + " ".join(row["options"]) + " " + row["explanation"] for row in rows]
+    model, processor = build_tiny_model_and_processor(corpus=corpus, seed=0, min_pixels=56 * 56, max_pixels=56 * 56)
+    return model, processor, rows
+
+
+def fixed_rollout(processor, rows, vocab_size: int, first: int, count: int):
+    """Prompts rows[first:first+count], seeded random completions with ragged lengths, seeded rewards.
+
+    Built from the global position of each completion, so any split over processes gives the same data.
+    """
+    from grpo.rollout import encode_prompts
+
+    total = PROMPTS * GROUP
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.randint(20, vocab_size, (total, LENGTH), generator=gen)
+    lengths = torch.randint(1, LENGTH + 1, (total,), generator=gen)
+    mask = (torch.arange(LENGTH)[None] < lengths[:, None]).long()
+    rewards = torch.rand(total, generator=gen)
+    local = slice(first * GROUP, (first + count) * GROUP)
+    prompts = encode_prompts(processor, rows[first : first + count], list(range(first, first + count)), 4096)
+    batch = Rollout(rows[first : first + count], prompts, ids[local], mask[local], lengths[local] == LENGTH)
+    return batch, rewards[local]
+
+
+def deepspeed_setting(zero: str | None):
+    """zero3 with a persistence threshold of 0, so even the tiny model's parameters are really sharded
+    (and every forward gathers them collectively, which is what makes uneven decoding hang)."""
+    if zero == "zero3":
+        return {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    return zero
+
+
+def config(out_dir, zero, **overrides):
+    settings = dict(output_dir=out_dir, group_size=GROUP, prompts_per_step=PROMPTS, completions_per_micro_batch=2,
+                    max_completion_length=LENGTH, learning_rate=1e-2, max_steps=1, save_steps=0, seed=0, beta=0.04,
+                    deepspeed=deepspeed_setting(zero), log_completions=0)
+    settings.update(overrides)
+    return GRPOConfig(**settings)
+
+
+def full_state(trainer) -> dict:
+    """The policy's full weights (gathered under ZeRO-3) on rank 0."""
+    if trainer.opt.engine is not None and trainer.opt.zero_stage == 3:
+        return trainer.opt.engine._zero3_consolidated_16bit_state_dict()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def run_update(zero, out_dir, loss_type, scale_rewards):
+    """One update from the fixed rollout; returns (stats, metrics, weights)."""
+    model, processor, rows = tiny()
+    trainer = Trainer(model, processor, [lambda prompts, completions, **c: [0.0] * len(completions)], rows,
+                      config(out_dir, zero, loss_type=loss_type, scale_rewards=scale_rewards))
+    rank, size = world()  # the trainer joined the process group
+    per_rank = PROMPTS // size
+    batch, rewards = fixed_rollout(processor, rows, len(processor.tokenizer), rank * per_rank, per_rank)
+    batch.prompts = batch.prompts.to(trainer.device)
+    batch.ref_logprobs = trainer._logprobs_all(trainer.ref_model, batch)
+    advantages = trainer.advantages(rewards)
+    stats = trainer.update(batch, advantages)
+    trainer.step = 1
+    metrics = trainer._metrics(batch, rewards, rewards[None], stats, step_time=1.0)
+    return stats, metrics, full_state(trainer)
+
+
+def main():
+    scenarios, zero, out_dir = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
+    zero = None if zero == "none" else zero
+    torch.set_num_threads(1)
+    for scenario in scenarios:
+        run_scenario(scenario, zero, out_dir)
+
+
+def run_scenario(scenario, zero, out_dir):
+    results = {}
+    if scenario == "update":
+        for loss_type, scale in (("grpo", "group"), ("dapo", "batch")):
+            stats, metrics, weights = run_update(zero, out_dir, loss_type, scale)
+            if is_main_process():
+                torch.save(weights, os.path.join(out_dir, f"weights_{loss_type}.pt"))
+            results[loss_type] = {"stats": stats, "metrics": metrics}
+    elif scenario == "uneven":
+        model, processor, rows = tiny()
+        trainer = Trainer(model, processor, [lambda prompts, completions, **c: [0.0] * len(completions)], rows,
+                          config(out_dir, zero, max_completion_length=12))
+        rank, _ = world()
+        from grpo.rollout import encode_prompts
+
+        prompts = encode_prompts(processor, rows[rank : rank + 1], [rank], 4096).to(trainer.device)
+        # Rank 0 treats every token as end-of-sequence (done after one step); rank 1 decodes all 12.
+        eos = list(range(len(processor.tokenizer))) if rank == 0 else trainer.eos_ids
+        out = generate(trainer.policy, prompts, group_size=GROUP, max_new_tokens=12, eos_token_ids=eos,
+                       pad_token_id=trainer.pad_id, forbidden_ids=trainer.forbidden, synced=True,
+                       generator=torch.Generator().manual_seed(rank))
+        results = {"rank": rank, "lengths": out.mask.sum(1).tolist()}
+        gathered = [None] * world()[1]
+        torch.distributed.all_gather_object(gathered, results)
+        results = {"per_rank": gathered}
+    elif scenario == "resume":
+        model, processor, rows = tiny()
+
+        def reward(prompts, completions, **columns):
+            return [float(len(c)) for c in completions]
+
+        full_dir, resumed_dir = os.path.join(out_dir, "full"), os.path.join(out_dir, "resumed")
+        Trainer(model, processor, [reward], rows, config(full_dir, zero, max_steps=3, save_steps=1)).train()
+        model, processor, rows = tiny()
+        # The resumed run starts from the full run's checkpoint-1, as after a crash during step 2.
+        if is_main_process():
+            import shutil
+
+            shutil.copytree(os.path.join(full_dir, "checkpoint-1"), os.path.join(resumed_dir, "checkpoint-1"))
+        torch.distributed.barrier()
+        Trainer(model, processor, [reward], rows,
+                config(resumed_dir, zero, max_steps=3, save_steps=1, resume_from_checkpoint="latest")).train()
+        for row in rows:
+            row["completion"] = sft_target(row)
+        sft_dirs = [os.path.join(out_dir, "sft_full"), os.path.join(out_dir, "sft_resumed")]
+        sft_settings = dict(batch_size=4, micro_batch_size=1, learning_rate=1e-2, max_steps=3, save_steps=1,
+                            deepspeed=deepspeed_setting(zero), max_completion_length=16)
+        model, processor, rows_ = tiny()
+        SFTTrainer(model, processor, rows, SFTConfig(output_dir=sft_dirs[0], **sft_settings)).train()
+        if is_main_process():
+            import shutil
+
+            shutil.copytree(os.path.join(sft_dirs[0], "checkpoint-1"), os.path.join(sft_dirs[1], "checkpoint-1"))
+        torch.distributed.barrier()
+        model, processor, rows_ = tiny()
+        SFTTrainer(model, processor, rows, SFTConfig(output_dir=sft_dirs[1], resume_from_checkpoint="latest",
+                                                     **sft_settings)).train()
+    if is_main_process():
+        with open(os.path.join(out_dir, f"{scenario}.json"), "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()

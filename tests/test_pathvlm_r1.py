@@ -1,0 +1,214 @@
+"""The PathVLM-R1 reproduction, dry-run end to end: every paper config for 2 steps on fixture data.
+
+The configs are used as shipped, only made small with --set (tiny model, lengths, steps); each stage
+starts from the checkpoint the previous stage wrote, then the evaluation CLI writes Tables 1-3 and
+resumes an interrupted evaluation without decoding finished items again.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+from dataset_trees import write_omnimedvqa, write_pathmmu
+
+from grpo.config import load_yaml
+from grpo.training import load_model
+from rewards import accuracy_reward, format_reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "examples", "pathvlm_r1")
+CONFIGS = os.path.join(SCRIPTS, "configs")
+# In the order the README runs them: each stage reads the one before it.
+STAGES = [("alpha", "sft"), ("beta", "grpo"), ("r1", "grpo"), ("gamma", "sft"), ("delta", "sft"), ("epsilon", "grpo")]
+# One process without DeepSpeed, in float32 (the shipped configs say zero3 + bf16 for GPUs; the
+# DeepSpeed path itself is tested under torchrun in test_distributed.py).
+SMALL = {
+    "sft": ["sft.max_steps=2", "sft.batch_size=2", "sft.micro_batch_size=2", "sft.warmup_steps=0",
+            "sft.max_completion_length=16", "sft.max_prompt_length=4096", "sft.deepspeed=null", "sft.dtype=float32"],
+    "grpo": ["grpo.max_steps=2", "grpo.prompts_per_step=2", "grpo.completions_per_micro_batch=8",
+             "grpo.max_completion_length=8", "grpo.max_prompt_length=4096", "grpo.deepspeed=null", "grpo.dtype=float32"],
+}
+DATA = ["data.on_bad_item=skip", "data.max_pixels=3136"]
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(f"pathvlm_r1_{name}", os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def checkpoint_weights(path):
+    # Through from_pretrained: the file's key names differ from the module's (transformers maps them).
+    return weights(load_model(path, "float32"))
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_parts):
+    """A working directory laid out as the README's: data/PathMMU, data/OmniMedVQA, a tiny model."""
+    root = tmp_path_factory.mktemp("repro")
+    write_pathmmu(str(root / "data" / "PathMMU"))
+    write_omnimedvqa(str(root / "data" / "OmniMedVQA"))
+    model, processor = tiny_parts
+    model.save_pretrained(str(root / "tiny"))
+    processor.save_pretrained(str(root / "tiny"))
+    return root
+
+
+def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    tiny = str(workdir / "tiny")
+    script("split").main(["--sizes", "12", "6", "6", "--on-bad-item", "skip"])
+    manifest = json.loads((workdir / "splits" / "pathmmu_paper_seed0.json").read_text())
+    assert [len(manifest["parts"][p]) for p in ("sft", "rl", "test")] == [12, 6, 6]
+    with pytest.raises(SystemExit, match="never overwritten"):
+        script("split").main(["--sizes", "12", "6", "6"])
+    sft, grpo = script("sft"), script("grpo")
+
+    for size in ("7b", "3b"):
+        for stage, kind in STAGES:
+            config_path = os.path.join(CONFIGS, f"{stage}_{size}.yaml")
+            config = load_yaml(config_path)
+            overrides = SMALL[kind] + DATA
+            if not config["model"].startswith("runs/"):
+                overrides.append(f"model={tiny}")  # the base model
+            if stage == "r1":
+                assert config["judge"]["model"] == "gpt-4o"
+                overrides.append("judge=null")  # no judge on this branch yet: R1 runs format + accuracy here
+            expected_init = (os.path.join(config["model"], "checkpoint-2") if config["model"].startswith("runs/") else tiny)
+            capsys.readouterr()
+            trainer = (sft if kind == "sft" else grpo).main(["--config", config_path, *[f"--set={o}" for o in overrides]])
+            output_dir = config[kind]["output_dir"]
+            assert output_dir == f"runs/pathvlm_r1/{size}/{stage}"
+            assert f"model: {expected_init}\n" in capsys.readouterr().out
+            with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+                assert [json.loads(line)["step"] for line in f] == [1, 2]
+            assert same_weights(checkpoint_weights(os.path.join(output_dir, "checkpoint-2")), weights(trainer.model))
+            if kind == "grpo":
+                # The frozen reference is the model the stage started from: the previous stage's checkpoint.
+                assert same_weights(checkpoint_weights(expected_init), weights(trainer.ref_model))
+                assert len(trainer.reward_funcs) == 2
+            else:
+                # SFT moved the weights, so a later stage that starts from this checkpoint is told apart from one
+                # that starts from this stage's own start.
+                assert not same_weights(checkpoint_weights(expected_init), weights(trainer.model))
+            run_config = load_yaml(os.path.join(output_dir, "run_config.yaml"))
+            assert run_config[kind]["max_steps"] == 2 and run_config["data"]["part"] == ("sft" if stage == "alpha" else "rl")
+
+    evaluate = script("evaluate")
+    eval_args = ["--config", os.path.join(CONFIGS, "eval.yaml"), "--set", f"models.base-7B={tiny}",
+                 "--set", f"models.base-3B={tiny}", "--set", "max_completion_length=8", "--set", "batch_size=8",
+                 "--set", "max_prompt_length=4096", "--set", "dtype=float32", "--set", "omnimedvqa.per_dataset=2", *[f"--set={o}" for o in DATA]]
+    summary = evaluate.main(eval_args)
+    models = list(load_yaml(os.path.join(CONFIGS, "eval.yaml"))["models"])
+    assert set(summary) == set(models) and all(summary[m]["PathMMU"]["items"] == 6 for m in models)
+    for name in ("base-3B", "base-7B", "gamma-7B", "R1-7B"):  # the paper's Table 3 rows
+        assert {d: summary[name][d]["items"] for d in summary[name]} == {
+            "PathMMU": 6, "Chest CT Scan": 2, "ISIC2020": 2, "Retinal OCT-C8": 2, "Diabetic Retinopathy": 2}
+    # The out-of-domain sample is one fixed sample: the same items for every model.
+    eval_dir = workdir / "runs" / "pathvlm_r1" / "eval" / "records"
+    sampled = [[json.loads(line)["id"] for line in (eval_dir / m / "ISIC2020.jsonl").read_text().splitlines()]
+               for m in ("base-3B", "R1-7B")]
+    assert sampled[0] == sampled[1] and len(set(sampled[0])) == 2
+    assert set(summary["beta-7B"]) == {"PathMMU"}
+
+    # Scores are exact match of the <answer> against the standard answer, recomputed here from the records.
+    records_path = workdir / "runs" / "pathvlm_r1" / "eval" / "records" / "R1-7B" / "PathMMU.jsonl"
+    records = [json.loads(line) for line in records_path.read_text().splitlines()]
+    solutions = {row_id: None for row_id in manifest["parts"]["test"]}
+    data = json.loads((workdir / "data" / "PathMMU" / "data.json").read_text())
+    for subset, splits in data.items():
+        for split, items in splits.items():
+            for item in items:
+                if f"{subset}/{split}/{item['No']}" in solutions:
+                    solutions[f"{subset}/{split}/{item['No']}"] = item["answer"]
+    scores = accuracy_reward(None, [r["completion"] for r in records], [solutions[r["id"]] for r in records])
+    assert summary["R1-7B"]["PathMMU"]["accuracy"] == pytest.approx(100 * sum(scores) / len(scores))
+    assert summary["R1-7B"]["PathMMU"]["mean_output_tokens"] == pytest.approx(sum(r["tokens"] for r in records) / 6)
+
+    tables = (workdir / "runs" / "pathvlm_r1" / "eval" / "tables.md").read_text()
+    for heading in ("Table 1: in-domain accuracy", "Table 2: average number of output tokens", "Table 3: out-of-domain"):
+        assert heading in tables
+    assert "| Model | Chest CT Scan | ISIC2020 | Retinal OCT-C8 | Diabetic Retinopathy |" in tables
+    r1_row = next(line for line in tables.splitlines() if line.startswith("| R1-7B |"))
+    assert f"| R1-7B | {summary['R1-7B']['PathMMU']['accuracy']:.2f} | 65.55 |" in r1_row
+    assert "| R1-7B | " + f"{summary['R1-7B']['PathMMU']['mean_output_tokens']:.2f} | 94.99 |" in tables
+    assert f"{summary['R1-7B']['ISIC2020']['accuracy']:.2f} (80.00)" in tables
+    assert json.loads((workdir / "runs" / "pathvlm_r1" / "eval" / "summary.json").read_text()) == summary
+
+    # Interrupted evaluation: two items lost and the last line cut mid-write. The rerun decodes only those two.
+    lines = records_path.read_text().splitlines()
+    records_path.write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])
+    decoded = []
+    module = sys.modules["grpo.evaluate"]
+    real_generate = module.generate
+    monkeypatch.setattr(module, "generate", lambda model, prompts, **kw: decoded.append(len(prompts)) or real_generate(model, prompts, **kw))
+    again = evaluate.main(eval_args + ["--only", "R1-7B"])
+    assert decoded == [2]
+    assert again == summary
+    assert sorted(records_path.read_text().splitlines()) == sorted(lines)
+
+
+def test_judge_section_without_a_judge_reward_is_a_clear_error(monkeypatch):
+    import rewards
+
+    monkeypatch.delattr(rewards, "JudgeReward", raising=False)
+    grpo = script("grpo")
+    config = {"rewards": ["format", "accuracy"], "reward_weights": None, "judge": {"model": "gpt-4o"}}
+    with pytest.raises(RuntimeError, match=r"r1.yaml: the judge: section needs rewards.JudgeReward.*--set judge=null"):
+        grpo.build_rewards(config, "r1.yaml")
+    with pytest.raises(ValueError, match="unknown key 'acuracy'; did you mean 'accuracy'"):
+        grpo.build_rewards({**config, "rewards": ["format", "acuracy"], "judge": None}, "beta.yaml")
+
+
+def test_stage_config_unknown_keys_are_errors_with_close_matches(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    beta = os.path.join(CONFIGS, "beta_7b.yaml")
+    with pytest.raises(ValueError, match="unknown key 'reward'; did you mean 'rewards'"):
+        script("grpo").main(["--config", beta, "--set", "reward=[format]"])
+    with pytest.raises(ValueError, match=r"\[grpo\] \(GRPOConfig\): unknown key 'group_sise'; did you mean 'group_size'"):
+        script("grpo").main(["--config", beta, "--set", "grpo.group_sise=8"])
+    with pytest.raises(ValueError, match=r"\[data\]: unknown key 'max_pixel'; did you mean 'max_pixels'"):
+        script("sft").main(["--config", os.path.join(CONFIGS, "alpha_7b.yaml"), "--set", "data.max_pixel=10"])
+
+
+def test_summary_and_tables_count_exact_matches_and_show_partial_runs(tmp_path):
+    evaluate = script("evaluate")
+    rows = [{"id": f"q{k}", "solution": "B) Lymphoma"} for k in range(4)]
+    datasets = {"PathMMU": rows, "ISIC2020": rows[:2]}
+    answers = ["<think>x</think><answer>B) Lymphoma</answer>", "<think>x</think><answer>B</answer>",
+               "<answer>b) lymphoma</answer>", "<think>x</think><answer>C) Lymphoma</answer>"]
+    out = tmp_path / "records"
+    for model, dataset, count in (("m1", "PathMMU", 4), ("m1", "ISIC2020", 1), ("m2", "PathMMU", 2)):
+        (out / model).mkdir(parents=True, exist_ok=True)
+        completions = answers[:count]
+        acc = accuracy_reward(None, completions, [r["solution"] for r in rows[:count]])
+        fmt = format_reward(None, completions)
+        with open(out / model / f"{dataset}.jsonl", "w") as f:
+            for k, text in enumerate(completions):
+                f.write(json.dumps({"id": f"q{k}", "completion": text, "tokens": 10 * (k + 1),
+                                    "accuracy_reward": acc[k], "format_reward": fmt[k]}) + "\n")
+    config = {"models": {"m1": "a", "m2": "b", "m3": "c"}, "ood_models": ["m1"], "output_dir": str(tmp_path),
+              "paper": {"accuracy": {"m1": 65.55}, "ood": {"m1": [80.0]}}}
+    summary = evaluate.summarise(config, datasets)
+    # Exact match, letter and text: only "B) Lymphoma" and "b) lymphoma" (case-folded) count: 2 of 4.
+    assert summary["m1"]["PathMMU"] == {"accuracy": 50.0, "format": 75.0, "mean_output_tokens": 25.0, "items": 4,
+                                        "complete": True}
+    assert summary["m2"]["PathMMU"]["items"] == 2 and not summary["m2"]["PathMMU"]["complete"]
+    assert "m3" not in summary
+    text = evaluate.tables(summary, datasets, config)
+    assert "| m1 | 50.00 | 65.55 | 75.00 |" in text
+    assert "| m2 | 50.00 (2/4 items) | - | 100.00 (2/4 items) |" in text
+    assert "| m3 | - | - | - |" in text
+    assert "| m1 | 100.00 (1/2 items) (80.00) |" in text

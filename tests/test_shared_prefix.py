@@ -1,0 +1,183 @@
+"""The shared-prompt optimisations compute exactly what the plain path computes.
+
+Vision once (cached image features), prefill once (one prompt cache for G samples) and the
+shared-prefix training forward (one prompt forward per pass, G completions on its KV cache) must
+give the plain path's log-probs, gradients, rollouts and trainer steps. The model runs in float64;
+Qwen2's RMSNorm still computes in float32, so values that are summed in a different order (the
+shared prompt's gradient) can differ in the float32 rounding: gradients are compared to 1e-6 of their
+largest entry, where a wrong position, mask or cache row would be off by O(1). Prompts are
+left-padded to different lengths and completions ragged.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from grpo import GRPOConfig, Trainer
+from grpo.rollout import (
+    completion_logprobs, encode_prompts, forbidden_token_ids, generate, group_logprobs, with_image_features,
+)
+
+TIGHT = dict(atol=1e-10, rtol=1e-9)
+
+
+def assert_grads_close(grads, expected):
+    assert grads.keys() == expected.keys()
+    for name, value in expected.items():
+        scale = float(value.abs().max())
+        torch.testing.assert_close(grads[name], value, atol=1e-6 * scale + 1e-12, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def model64(tiny_parts):
+    model, _ = tiny_parts
+    return copy.deepcopy(model).double().train()
+
+
+def text_only(rows):
+    """The same questions without their image (a prompt with no vision tokens at all)."""
+    return [{**row, "image": None, "prompt": [{"role": "user", "content": row["question"]}]} for row in rows]
+
+
+def ragged_completions(n, length, vocab, eos, seed):
+    """Random completion ids with an EOS at a different place in each row, pad after it."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(20, vocab, (n, length), generator=g)
+    mask = torch.zeros(n, length, dtype=torch.long)
+    for i in range(n):
+        end = (3 * i + 1) % length  # every row ends elsewhere; the last ones run to the limit
+        if i >= n - 1:
+            end = length - 1
+        else:
+            ids[i, end] = eos
+        mask[i, : end + 1] = 1
+        ids[i, end + 1 :] = 0
+    return ids, mask
+
+
+def logprobs_and_grads(model, prompts, prompt_index, ids, mask, shared, weights):
+    model.zero_grad(set_to_none=True)
+    logprobs = group_logprobs(model, prompts, prompt_index, ids, mask, shared_prefix=shared, temperature=0.7)
+    (logprobs * mask * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logprobs.detach() * mask, grads
+
+
+@pytest.mark.parametrize("images", [True, False], ids=["image", "text"])
+@pytest.mark.parametrize("group_size", [2, 4])
+def test_shared_prefix_and_cached_features_match_plain_logprobs_and_gradients(model64, tiny_parts, toy_rows, images, group_size):
+    _, processor = tiny_parts
+    rows = toy_rows[:3] if images else text_only(toy_rows[:3])
+    prompts = encode_prompts(processor, rows, [0, 1, 2], max_prompt_length=4096)
+    assert prompts.attention_mask.eq(0).any(), "the prompts should be left-padded to different lengths"
+    n = 3 * group_size
+    ids, mask = ragged_completions(n, 9, model64.config.text_config.vocab_size, processor.tokenizer.eos_token_id, seed=group_size)
+    prompt_index = [i // group_size for i in range(n)]
+    weights = torch.linspace(-1.0, 2.0, n, dtype=torch.float64)[:, None]  # a different advantage per completion
+
+    plain, plain_grads = logprobs_and_grads(model64, prompts, prompt_index, ids, mask, False, weights)
+    cached = with_image_features(model64, prompts)
+    assert (cached.image_features is not None) == images
+    for variant, shared in [(prompts, True), (cached, False), (cached, True)]:
+        ours, grads = logprobs_and_grads(model64, variant, prompt_index, ids, mask, shared, weights)
+        torch.testing.assert_close(ours, plain, **TIGHT)
+        expected = {k: v for k, v in plain_grads.items() if variant is prompts or "visual" not in k}
+        assert_grads_close(grads, expected)
+    # Cached features carry no gradient into the vision tower; pixels do (frozen or not is the trainer's call).
+    assert not any("visual" in name for name in grads)
+    assert any("visual" in name for name in plain_grads) == images
+
+
+def test_shared_prefix_handles_prompts_used_unevenly_and_one_token_completions(model64, tiny_parts, toy_rows):
+    """A micro-batch may hold part of a group: prompts repeated different numbers of times, in any order."""
+    _, processor = tiny_parts
+    prompts = with_image_features(model64, encode_prompts(processor, toy_rows[3:5], [3, 4], max_prompt_length=4096))
+    prompt_index = [1, 0, 1, 1]
+    for length in (1, 5):
+        ids, mask = ragged_completions(4, length, model64.config.text_config.vocab_size, processor.tokenizer.eos_token_id, seed=length)
+        with torch.no_grad():
+            plain = completion_logprobs(model64, prompts.without_features().select(prompt_index), ids, mask)
+            shared = group_logprobs(model64, prompts, prompt_index, ids, mask)
+        torch.testing.assert_close(shared * mask, plain * mask, **TIGHT)
+
+
+def test_gradient_checkpointing_falls_back_to_the_plain_path(model64, tiny_parts, toy_rows):
+    _, processor = tiny_parts
+    model = copy.deepcopy(model64)
+    model.activation_checkpointing_enable()
+    model.train()
+    prompts = encode_prompts(processor, toy_rows[:2], [0, 1], max_prompt_length=4096)
+    ids, mask = ragged_completions(4, 6, model.config.text_config.vocab_size, processor.tokenizer.eos_token_id, seed=3)
+    weights = torch.ones(4, 1, dtype=torch.float64)
+    plain, plain_grads = logprobs_and_grads(model64, prompts, [0, 0, 1, 1], ids, mask, False, weights)
+    ours, grads = logprobs_and_grads(model, prompts, [0, 0, 1, 1], ids, mask, True, weights)
+    torch.testing.assert_close(ours, plain, **TIGHT)
+    assert_grads_close(grads, plain_grads)
+
+
+@pytest.mark.parametrize("group_size", [2, 4])
+def test_rollout_with_cached_features_is_token_identical(model64, tiny_parts, toy_rows, group_size):
+    _, processor = tiny_parts
+    tok = processor.tokenizer
+    model = copy.deepcopy(model64).eval()
+    prompts = encode_prompts(processor, toy_rows[:3], [0, 1, 2], max_prompt_length=4096)
+    cached = with_image_features(model, prompts)
+    settings = dict(group_size=group_size, max_new_tokens=10, eos_token_ids=[tok.eos_token_id],
+                    pad_token_id=tok.pad_token_id, forbidden_ids=forbidden_token_ids(tok))
+    for temperature in (0.0, 1.0):
+        runs = [generate(model, p, temperature=temperature, generator=torch.Generator().manual_seed(5), **settings)
+                for p in (prompts, cached)]
+        assert torch.equal(runs[0].ids, runs[1].ids) and torch.equal(runs[0].mask, runs[1].mask)
+
+    # Greedy decoding is also HF generate's (each of the G identical samples).
+    ours = generate(model, cached, temperature=0.0, **settings)
+    hf = model.generate(
+        input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, mm_token_type_ids=prompts.mm_token_type_ids,
+        pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw, do_sample=False,
+        max_new_tokens=ours.ids.shape[1], suppress_tokens=forbidden_token_ids(tok),
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )[:, prompts.input_ids.shape[1]:].repeat_interleave(group_size, 0)
+    assert torch.equal(hf * ours.mask, ours.ids * ours.mask)
+
+
+def char_count(prompts, completions, **columns):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(group_size=2, completions_per_micro_batch=2, beta=0.04, num_iterations=2, freeze_vision_tower=True),
+    dict(group_size=4, completions_per_micro_batch=8, beta=0.04, num_iterations=1, freeze_vision_tower=False),
+], ids=["G2-mu2", "G4-trainable-vision"])
+def test_trainer_steps_equal_with_and_without_shared_prefix(model64, tiny_parts, toy_rows, tmp_path, settings):
+    """Same rollout, loss, KL, grad norm and updated weights; the reference has its own vision tower."""
+    _, processor = tiny_parts
+    ref = copy.deepcopy(model64)
+    with torch.no_grad():
+        for p in ref.model.visual.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    results = []
+    for shared in (True, False):
+        cfg = GRPOConfig(output_dir=str(tmp_path / str(shared)), prompts_per_step=2, max_completion_length=8,
+                         learning_rate=1e-3, max_steps=2, save_steps=0, seed=0, shared_prefix=shared, **settings)
+        trainer = Trainer(copy.deepcopy(model64), processor, [char_count], toy_rows[:4], cfg, ref_model=ref)
+        assert not trainer.ref_shares_vision
+        history = trainer.train()
+        results.append((history, dict(trainer.model.named_parameters())))
+    (shared_history, shared_params), (plain_history, plain_params) = results
+    for ours, plain in zip(shared_history, plain_history):
+        assert ours["clip_ratio"] == pytest.approx(plain["clip_ratio"], abs=0.05)  # a token on the clip edge may flip
+        for key in ("loss", "kl", "grad_norm", "reward", "completion_length/mean"):
+            # float32 RMSNorm inside a float64 model: agreement to ~1e-6, not to float64 precision.
+            assert ours[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
+    assert shared_history[-1]["kl"] > 0
+    # The weights' updates agree up to float32 rounding, which Adam amplifies where a gradient is
+    # tiny (it divides by its own size), so an element-wise check would mostly measure that rounding;
+    # a wrong gradient is off by O(1) in relative norm.
+    for name, value in plain_params.items():
+        start = model64.get_parameter(name)
+        ours, theirs = shared_params[name] - start, value - start
+        assert float((ours - theirs).norm()) <= 1e-2 * float(theirs.norm()) + 1e-12, name
+    vision = [name for name in plain_params if "visual" in name]
+    moved = any(not torch.equal(plain_params[name], model64.get_parameter(name)) for name in vision)
+    assert moved == (not settings["freeze_vision_tower"])
