@@ -26,15 +26,11 @@ def start_toy_judge() -> tuple[ToyJudgeServer, JudgeReward]:
     return server, judge
 
 
-def train_r1(beta_model, processor, rl_rows, eval_rows, judge: JudgeReward, scorers, *, output_dir: str, steps: int,
-             learning_rate: float, max_completion_length: int, seed: int):
+def train_r1(beta_model, processor, rl_rows, eval_rows, judge: JudgeReward, scorers, config: GRPOConfig):
     """GRPO from the Beta model with format + accuracy + judge rewards; returns (model, judge counters of the run)."""
     judge.stats()  # start from zero: earlier evaluations are not this stage's traffic
-    trainer = Trainer(copy.deepcopy(beta_model), processor, [format_reward, accuracy_reward, judge], rl_rows, GRPOConfig(
-        output_dir=output_dir, group_size=4, prompts_per_step=8, completions_per_micro_batch=32,
-        max_completion_length=max_completion_length, learning_rate=learning_rate, beta=0.04, max_steps=steps,
-        seed=seed, save_steps=0, eval_steps=max(1, steps // 4), eval_batch_size=100),
-        eval_dataset=eval_rows, eval_reward_funcs=scorers)
+    trainer = Trainer(copy.deepcopy(beta_model), processor, [format_reward, accuracy_reward, judge], rl_rows, config,
+                      eval_dataset=eval_rows, eval_reward_funcs=scorers)
     history = trainer.train()
     return trainer.model, judge_counters(history)
 

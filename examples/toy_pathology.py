@@ -179,6 +179,15 @@ def main(argv=None):
         raise SystemExit("--init applies to single stages (--stage sft|grpo)")
     print(f"tiny Qwen2.5-VL: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(processor.tokenizer)}")
     judge_server, judge = start_toy_judge()
+    try:
+        run_stages(args, model, processor, sft_rows, rl_rows, test_rows, judge, t_start)
+    finally:
+        judge_server.stop()
+
+
+def run_stages(args, model, processor, sft_rows, rl_rows, test_rows, judge, t_start):
+    """base -> SFT -> GRPO -> GRPO + judge, each evaluated; writes results.json and curves.png."""
+    out = args.output_dir
     scorers = [accuracy_reward, format_reward, judge]
 
     def run_eval(name, m):
@@ -203,12 +212,10 @@ def main(argv=None):
     stages["grpo"] = run_eval("grpo", grpo.model)
 
     # Stage 3 (R1): GRPO from Beta adding the judge's process reward.
-    r1_model, counters = train_r1(grpo.model, processor, rl_rows, test_rows[:100], judge, scorers,
-                                  output_dir=os.path.join(out, "grpo_judge"), steps=args.judge_steps,
-                                  learning_rate=args.judge_lr, max_completion_length=args.max_completion_length,
-                                  seed=args.seed)
+    r1_config = grpo_config(args, os.path.join(out, "grpo_judge"), args.judge_steps, eval_steps=max(1, args.judge_steps // 4))
+    r1_config.learning_rate = args.judge_lr
+    r1_model, counters = train_r1(grpo.model, processor, rl_rows, test_rows[:100], judge, scorers, r1_config)
     stages["grpo_judge"] = {**run_eval("grpo_judge", r1_model), "judge_counters": counters}
-    judge_server.stop()
 
     elapsed = time.time() - t_start
     results = {"stages": stages, "seconds": elapsed, "settings": vars(args)}
