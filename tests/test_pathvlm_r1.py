@@ -66,7 +66,33 @@ def workdir(tmp_path_factory, tiny_parts):
     return root
 
 
-def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(workdir, monkeypatch, capsys):
+@pytest.fixture
+def judge_url():
+    """A chat-completions endpoint that grades every reasoning (0.8, 0.6): reward 0.7."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            content = json.dumps({"integrity_score": 0.8, "knowledge_score": 0.6})
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(workdir, monkeypatch, capsys, judge_url):
     monkeypatch.chdir(workdir)
     tiny = str(workdir / "tiny")
     script("split").main(["--sizes", "12", "6", "6", "--on-bad-item", "skip"])
@@ -85,7 +111,8 @@ def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(work
                 overrides.append(f"model={tiny}")  # the base model
             if stage == "r1":
                 assert config["judge"]["model"] == "gpt-4o"
-                overrides.append("judge=null")  # no judge on this branch yet: R1 runs format + accuracy here
+                # The shipped judge section, pointed at a loopback stand-in for GPT-4o.
+                overrides += [f"judge.base_url={judge_url}", "judge.api_key=not-a-secret"]
             expected_init = (os.path.join(config["model"], "checkpoint-2") if config["model"].startswith("runs/") else tiny)
             capsys.readouterr()
             trainer = (sft if kind == "sft" else grpo).main(["--config", config_path, *[f"--set={o}" for o in overrides]])
@@ -98,7 +125,12 @@ def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(work
             if kind == "grpo":
                 # The frozen reference is the model the stage started from: the previous stage's checkpoint.
                 assert same_weights(checkpoint_weights(expected_init), weights(trainer.ref_model))
-                assert len(trainer.reward_funcs) == 2
+                assert len(trainer.reward_funcs) == (3 if stage == "r1" else 2)
+                if stage == "r1":  # the judge was asked for every completion and its counters were logged
+                    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+                        records = [json.loads(line) for line in f]
+                    assert all(r["rewards/judge/mean"] == pytest.approx(0.7) and r["judge/requests"] > 0 for r in records)
+                    assert all(r["judge/fallbacks"] == 0 for r in records)
             else:
                 # SFT moved the weights, so a later stage that starts from this checkpoint is told apart from one
                 # that starts from this stage's own start.
