@@ -12,7 +12,6 @@ tokens. The two alternate `--repeats` times in one process after one warm-up cal
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -79,11 +78,7 @@ def main() -> None:
         median = statistics.median(times[name])
         report.update({f"{name}_s_median": median, f"{name}_tokens_per_s": tokens / median, f"{name}_s": times[name]})
     report["speedup"] = report["hf_generate_s_median"] / report["ours_s_median"]
-    print(json.dumps({k: v for k, v in report.items() if not k.endswith("_s")}, indent=1))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    common.write_report(report, args.json, hide_suffix="_s")
 
 
 if __name__ == "__main__":

@@ -170,11 +170,7 @@ def main() -> None:
         plain = summary("ours-plain")
         report.update({"ours_plain_step_s_median": plain["step_s_median"], "ours_plain_peak_rss_mib": plain["peak_rss_mib"],
                        "ours_plain_step_s": plain["step_s"], "shared_prefix_speedup": plain["step_s_median"] / ours["step_s_median"]})
-    print(json.dumps({k: v for k, v in report.items() if not k.endswith("_step_s")}, indent=1))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    common.write_report(report, args.json, hide_suffix="_step_s")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ and the same rows, so the only difference between the sides is the code that run
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -76,3 +77,12 @@ def peak_rss_mib() -> float:
 def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
+
+
+def write_report(report: dict, path: str | None, hide_suffix: str) -> None:
+    """Print the report (without the per-step lists, keys ending in `hide_suffix`) and save it whole as JSON."""
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith(hide_suffix)}, indent=1))
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)

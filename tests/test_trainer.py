@@ -31,16 +31,6 @@ METRIC_KEYS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny model's ops are too small to gain from intra-op threads, and on a busy 2-core machine
-    # OpenMP workers spin against the other process: a GRPO step then takes ~6 s instead of ~0.15 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def char_count(prompts, completions, **columns):
     return [float(len(c)) for c in completions]
 
