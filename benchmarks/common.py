@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import make_toy_dataset, to_prompt_rows  # noqa: E402
-from grpo.tiny import build_processor, build_tiny_tokenizer, tiny_config  # noqa: E402
+from grpo.tiny import build_processor, build_tiny_tokenizer, model_from_config, tiny_config  # noqa: E402
 
 # name -> model and workload shape. paper-shape-small keeps the paper's proportions at CPU size:
 # ~256 visual tokens per prompt (448 x 448 image), short answers (64 tokens), a model of tens of
@@ -38,8 +38,6 @@ def rows_for(name: str, n: int) -> list[dict]:
 
 def build(name: str):
     """The random-weight model and processor of a benchmark config, deterministic from SEED."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     shape = CONFIGS[name]
     rows = rows_for(name, 64)
     corpus = [row["question"] + " " + " ".join(row["options"]) + " " + row["explanation"] for row in rows]
@@ -51,12 +49,7 @@ def build(name: str):
     for key, value in (shape["vision"] or {}).items():
         setattr(config.vision_config, key, value)
     config.vision_config.fullatt_block_indexes = [config.vision_config.depth - 1]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    return model, processor
+    return model_from_config(config, SEED), processor
 
 
 def save(name: str, directory: str) -> dict:

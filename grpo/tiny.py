@@ -149,14 +149,19 @@ def build_tiny_model_and_processor(
 
     `corpus` (optional) is text the tokenizer is trained on, so a toy task's words become few tokens.
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     tokenizer = build_tiny_tokenizer(corpus, vocab_size=vocab_size)
     processor = build_processor(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels)
     config = tiny_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
+    return model_from_config(config, seed), processor
+
+
+def model_from_config(config, seed: int):
+    """A random-weight Qwen2.5-VL from `config`, the same weights for the same seed, the global RNG untouched."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
-    return model, processor
+    return model
