@@ -15,6 +15,7 @@ and weights its losses so that the update equals the single-process update on th
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import math
@@ -64,6 +65,14 @@ def init_distributed(use_deepspeed: bool) -> None:
         dist.init_process_group(backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # Leaving with the group alive lets gloo's threads die in static destructors, which aborts the
+    # process now and then ("terminate called without an active exception") after all work is done.
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -105,6 +114,16 @@ def all_gather_cat(value: torch.Tensor) -> torch.Tensor:
     parts = [torch.zeros_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded)
     return torch.cat([part[: int(n)] for part, n in zip(parts, lengths)])
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's picklable `value`, in rank order (`[value]` with one process)."""
+    size = world()[1]
+    if size == 1:
+        return [value]
+    gathered = [None] * size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def any_rank(flag: bool, device) -> bool:

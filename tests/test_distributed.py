@@ -22,7 +22,8 @@ pytest.importorskip("deepspeed")
 
 
 def launch(scenarios: str, zero: str, out_dir, processes: int = 2, timeout: int = 300) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # PYTHONFAULTHANDLER: a worker killed by a signal prints its Python stack into the failure message.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     if processes == 1:
         command = [sys.executable, WORKER, scenarios, zero, str(out_dir)]
         env.pop("WORLD_SIZE", None)
