@@ -19,6 +19,8 @@ so the rollout and every training forward use identical positions (SPEC 5).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, replace
 
 import torch
@@ -202,6 +204,24 @@ def vision_towers_equal(model, other) -> bool:
     return all(name in theirs and torch.equal(p, theirs[name]) for name, p in a.named_parameters())
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class) -> str:
+    """The forward's KV-cache argument: `cache` since transformers 5.24, `past_key_values` before (and
+    still accepted, with a warning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _with_cache(model, cache) -> dict:
+    """Forward kwargs that hand `cache` to `model` (a DeepSpeed engine is looked through)."""
+    return {_cache_argument(type(getattr(model, "module", model))): cache, "use_cache": True}
+
+
+def _cache_of(out):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _prefill(model, prompts: PromptBatch):
     """One forward over the prompts keeping their KV cache and last logits; also their positions."""
     positions = _positions(model, prompts.input_ids, prompts.mm_token_type_ids, prompts.image_grid_thw, prompts.attention_mask)
@@ -275,7 +295,7 @@ def generate(
     """
     device = prompts.input_ids.device
     out, positions = _prefill(model, prompts)
-    cache = out.past_key_values
+    cache = _cache_of(out)
     cache.batch_repeat_interleave(group_size)
     logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # [N, V]
     attention_mask = prompts.attention_mask.repeat_interleave(group_size, 0)
@@ -302,10 +322,9 @@ def generate(
             input_ids=token[:, None],
             attention_mask=attention_mask,
             position_ids=position,
-            past_key_values=cache,
-            use_cache=True,
+            **_with_cache(model, cache),
         )
-        cache = out.past_key_values
+        cache = _cache_of(out)
         logits = out.logits[:, -1].float()
     ids = torch.stack(tokens, dim=1)  # [N, C]
     is_eos = torch.isin(ids, eos)
@@ -370,7 +389,7 @@ def shared_prefix_logprobs(
     length = completion_ids.shape[1]
     if length == 1:
         return first
-    cache = out.past_key_values
+    cache = _cache_of(out)
     cache.batch_select_indices(rep)  # rebinds each layer's keys/values to an indexed copy: differentiable
     attention_mask = torch.cat([prompts.attention_mask[rep], completion_mask[:, :-1].to(prompts.attention_mask.dtype)], dim=1)
     start = positions.amax(dim=(0, 2))[rep] + 1  # [N]
@@ -380,8 +399,7 @@ def shared_prefix_logprobs(
         input_ids=completion_ids[:, :-1],
         attention_mask=attention_mask,
         position_ids=completion_positions,
-        past_key_values=cache,
-        use_cache=True,
+        **_with_cache(model, cache),
     )
     rest = _gather_logprobs(out.logits, completion_ids[:, 1:], temperature)  # [N, C - 1]
     return torch.cat([first, rest], dim=1)
