@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .config import ConfigMixin
-from .distributed import Optimization, all_gather_cat, all_reduce_sum, is_main_process, shard, world
+from .distributed import Optimization, all_gather_cat, all_gather_objects, all_reduce_sum, is_main_process, shard, world
 from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
 from .rollout import (
     PromptBatch, encode_prompts, forbidden_token_ids, generate, group_logprobs, vision_towers_equal, with_image_features,
@@ -155,6 +155,35 @@ def call_reward_functions(funcs, prompts, completions, columns) -> list[list[flo
             got = "None" if values is None else f"{len(values)} values"
             raise RuntimeError(f"reward function {reward_name(func)!r} returned {got} for {len(completions)} completions")
     return results
+
+
+def reward_stats(funcs) -> dict:
+    """Statistics that reward functions report through a `stats()` method (a judge's counters), keyed
+    `<name>/<key>`, over all processes: whole numbers (counts) are summed, other numbers averaged over
+    the processes that report them (so a latency quantile is the processes' mean quantile).
+    Collective: every process calls it."""
+    local = {}
+    for func in funcs:
+        if callable(getattr(func, "stats", None)):
+            local.update({f"{reward_name(func)}/{key}": value for key, value in func.stats().items()})
+    merged = {}
+    for key, values in _by_key(all_gather_objects(local)).items():
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numbers and all(isinstance(v, int) for v in numbers):
+            merged[key] = sum(numbers)
+        elif numbers:
+            merged[key] = sum(numbers) / len(numbers)
+        else:
+            merged[key] = next((v for v in values if v is not None), None)
+    return merged
+
+
+def _by_key(dicts: list[dict]) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for d in dicts:
+        for key, value in d.items():
+            out.setdefault(key, []).append(value)
+    return out
 
 
 def combine_rewards(results, weights) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,6 +391,8 @@ class Trainer:
             stats = self.update(batch, advantages)
             self.step += 1
             record = self._metrics(batch, rewards, per_func, stats, time.time() - t0)
+            # Reward-side counters are read before evaluation, so they count this step's training calls only.
+            record.update(reward_stats(self.reward_funcs))
             if cfg.eval_steps and self.eval_dataset is not None and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps):
                 record.update(self.evaluate())
             history.append(record)
@@ -379,7 +410,9 @@ class Trainer:
         result = evaluate(self.policy, self.processor, self.eval_dataset, self.eval_reward_funcs,
                           batch_size=self.config.eval_batch_size, max_completion_length=self.config.max_completion_length,
                           synced=self.opt.zero_stage == 3)
-        return {f"eval/{k}": v for k, v in result.items() if k != "records"}
+        result = {k: v for k, v in result.items() if k != "records"}
+        result.update(reward_stats(self.eval_reward_funcs))  # the evaluation's own judge traffic, say
+        return {f"eval/{k}": v for k, v in result.items()}
 
     def save(self, step: int) -> str:
         return save_checkpoint(self.config.output_dir, step, self.opt, self.processor, {"config": asdict(self.config)},
@@ -402,9 +435,6 @@ class Trainer:
             name = reward_name(func)
             record[f"rewards/{name}/mean"] = valid.mean().item() if len(valid) else None
             record[f"rewards/{name}/std"] = valid.std().item() if len(valid) > 1 else None
-            if callable(getattr(func, "stats", None)):  # reward-side counters (e.g. a judge's); this process's
-                for key, value in func.stats().items():
-                    record[f"{name}/{key}"] = value
         record.update({
             "lr": self.opt.lr,
             "completion_length/mean": lengths.mean().item(),

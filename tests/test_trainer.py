@@ -267,6 +267,34 @@ def test_trainer_reward_metrics_skip_none_and_weight_the_sum(tiny_parts, toy_row
         assert record["reward"] == pytest.approx(statistics.mean(2.0 * (v or 0.0) + 1.0 for v in values))
 
 
+class CountingReward:
+    """A reward with a `stats()` method, as a judge has: counts completions scored since the last call."""
+
+    __name__ = "counter"
+
+    def __init__(self):
+        self.scored = 0
+
+    def __call__(self, prompts, completions, **columns):
+        self.scored += len(completions)
+        return [1.0] * len(completions)
+
+    def stats(self):
+        scored, self.scored = self.scored, 0
+        return {"scored": scored, "label": "toy"}
+
+
+def test_reward_stats_are_logged_per_step_and_evaluation_traffic_apart(tiny_parts, toy_rows, tmp_path):
+    model, processor = tiny_parts
+    counter = CountingReward()
+    cfg = small_config(tmp_path, max_steps=2, beta=0.0, eval_steps=1, eval_batch_size=2)
+    Trainer(copy.deepcopy(model), processor, [counter], toy_rows[:8], cfg, eval_dataset=toy_rows[8:11]).train()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["counter/scored"] for r in records] == [4, 4]  # 2 prompts x G = 2 per step, never the eval's
+    assert [r["eval/counter/scored"] for r in records] == [3, 3]  # each evaluation: the 3 eval rows
+    assert records[0]["counter/label"] == "toy"
+
+
 # ---------------------------------------------------------------- bad input
 
 
