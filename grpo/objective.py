@@ -37,14 +37,16 @@ def group_advantages(
         )
     grouped = rewards.view(-1, group_size)  # [num_prompts, G]
     centred = grouped - grouped.mean(dim=1, keepdim=True)
+    # The float mean of equal values need not equal them (six 0.3s in float32), and the tiny residue
+    # divided by std + eps would be a spurious advantage: equal groups are zeroed explicitly.
+    centred = centred.masked_fill((grouped == grouped[:, :1]).all(dim=1, keepdim=True), 0.0)
     if scale == "group":
         std = grouped.std(dim=1, keepdim=True)
     elif scale == "batch":
         std = rewards.std()
     else:
         return centred.reshape(-1)
-    # An all-equal group has centred == 0 exactly, so the division below yields 0, never NaN.
-    return (centred / (std + eps)).reshape(-1)
+    return (centred / (std + eps)).reshape(-1)  # an all-equal group: 0 / (0 + eps) = 0, never NaN
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

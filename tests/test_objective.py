@@ -248,10 +248,21 @@ def test_group_advantages_custom_eps_and_all_equal_batch():
         assert group_advantages(torch.full((6,), 0.7), group_size=3, scale=scale).tolist() == [0.0] * 6
 
 
+def test_an_equal_group_gets_zero_even_where_its_float_mean_is_inexact():
+    # In float32 the mean of six 0.3s is not 0.3; dividing that residue by std + eps (std ~ 0)
+    # would hand every completion of the group the same non-zero advantage.
+    rewards = torch.tensor([0.3] * 6 + [0.0, 1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float32)
+    assert (rewards[:6] - rewards[:6].mean()).abs().max() > 0  # the premise: the residue exists
+    for scale in ("group", "batch", "none"):
+        got = group_advantages(rewards, group_size=6, scale=scale)
+        assert got[:6].tolist() == [0.0] * 6, scale
+        assert got[6:].abs().min() > 0.1, scale
+
+
 def test_group_advantages_errors_name_the_numbers():
     with pytest.raises(ValueError, match=r"(?s)7.*3|3.*7"):
         group_advantages(torch.zeros(7), group_size=3)
-    with pytest.raises(ValueError, match="1"):
+    with pytest.raises(ValueError, match=r"got 1, for 4 rewards"):
         group_advantages(torch.zeros(4), group_size=1)
     with pytest.raises(ValueError, match="'std'"):
         group_advantages(torch.zeros(4), group_size=2, scale="std")
