@@ -41,9 +41,22 @@ def load_omnimedvqa(root: str, datasets=PAPER_DATASETS, on_bad_item: str = "erro
             items = json.load(f)
         if not isinstance(items, list):
             raise ValueError(f"{path}: expected a list of items, got {type(items).__name__}")
+        first = len(rows)
         for index, item in enumerate(items):
             checker.add(rows, lambda: _row(item, root, path, f"item {index}", name, index, checker))
+        _unique_ids(rows[first:])
     return checker.finish(rows, f"OmniMedVQA {root}")
+
+
+def _unique_ids(rows: list[dict]) -> None:
+    """A question_id repeated within one file keeps its first row's id; the others get `#<n>` added,
+    so evaluation (which matches finished records by id) never mixes two items up."""
+    seen: dict[str, int] = {}
+    for row in rows:
+        count = seen.get(row["id"], 0)
+        seen[row["id"]] = count + 1
+        if count:
+            row["id"] = f"{row['id']}#{count}"
 
 
 def _same(a: str, b: str) -> bool:

@@ -17,8 +17,9 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
              progress: str | None = None, synced: bool = False) -> dict:
     """Greedy-decode every row and score it.
 
-    Returns {"accuracy": mean of the FIRST reward function (the accuracy), "<name>": mean of each
-    function, "mean_completion_tokens": ..., "records": per-item dicts in dataset order}.
+    Returns {"accuracy": mean of the accuracy function, "<name>": mean of each function,
+    "mean_completion_tokens": ..., "records": per-item dicts in dataset order}. The accuracy function
+    is the first one whose name contains "accuracy" (e.g. rewards.accuracy_reward), else the first.
     `output_path` (optional) receives the records as JSON lines, appended batch by batch so an
     interrupted run keeps what it finished. With `resume=True` the records already in `output_path`
     are kept and their rows (matched by `id`, else by index) are not decoded again. `progress`: a
@@ -29,11 +30,17 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
 
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     names = [reward_name(f) for f in funcs]
+    accuracy_name = next((name for name in names if "accuracy" in name), names[0])
     tokenizer = getattr(processor, "tokenizer", processor)
     eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     ids = [dataset[i].get("id", i) for i in range(len(dataset))]
+    seen = {}
+    for index, item_id in enumerate(ids):
+        if item_id in seen:  # records are matched by id (resume, the returned list): two rows cannot share one
+            raise ValueError(f"rows {seen[item_id]} and {index} have the same id {item_id!r}; give each row its own 'id'")
+        seen[item_id] = index
     done = _finished_records(output_path, names) if resume else {}
     todo = [i for i in range(len(dataset)) if ids[i] not in done]
     if output_path:
@@ -62,11 +69,11 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
             with open(output_path, "a") as f:
                 f.writelines(json.dumps(record) + "\n" for record in batch_records)
         if bar:
-            bar.update(start + len(index), accuracy=_mean([done[ids[i]][names[0]] for i in todo[: start + len(index)]]) or 0.0)
+            bar.update(start + len(index), accuracy=_mean([done[ids[i]][accuracy_name] for i in todo[: start + len(index)]]) or 0.0)
     model.train(was_training)
     records = [done[i] for i in ids]
     result = {name: _mean([r[name] for r in records]) for name in names}
-    return {"accuracy": result[names[0]], **result,
+    return {"accuracy": result[accuracy_name], **result,
             "mean_completion_tokens": sum(r["tokens"] for r in records) / max(1, len(records)), "records": records}
 
 

@@ -122,6 +122,14 @@ class PromptBatch:
         return replace(self, image_features=None)
 
 
+def _image_parts(messages) -> int:
+    """How many `{"type": "image"}` parts chat messages hold (each needs one image from the row)."""
+    return sum(
+        1 for message in messages if isinstance(message.get("content"), list)
+        for part in message["content"] if isinstance(part, dict) and part.get("type") == "image"
+    )
+
+
 def encode_prompts(processor, rows: list[dict], row_indices: list[int], max_prompt_length: int) -> PromptBatch:
     """Render each row's `prompt` (chat messages) with the chat template and run the processor.
 
@@ -134,6 +142,10 @@ def encode_prompts(processor, rows: list[dict], row_indices: list[int], max_prom
             raise ValueError(f"row {index}: missing field 'prompt' (chat messages)")
         texts.append(processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True))
         row_imgs = row_images(row, index)
+        expected = _image_parts(row["prompt"])
+        if expected != len(row_imgs):
+            raise ValueError(f"row {index}: the prompt has {expected} image part(s) but the row's field 'image' / 'images' "
+                             f"gives {len(row_imgs)} image(s)")
         images.extend(row_imgs)
         counts.append(len(row_imgs))
     encoded = processor(

@@ -188,6 +188,17 @@ def test_omnimedvqa_answer_text_matches_despite_case_and_spaces(tmp_path):
         load_omnimedvqa(str(tmp_path), datasets=["ISIC 2020"])
 
 
+def test_omnimedvqa_repeated_question_ids_still_give_distinct_ids(tmp_path):
+    write_omnimedvqa(str(tmp_path))
+    path = tmp_path / "QA_information" / "Open-access" / "Chest CT Scan.json"
+    items = json.loads(path.read_text())
+    for item in items:
+        item["question_id"] = "ct-same"
+    path.write_text(json.dumps(items))
+    rows = load_omnimedvqa(str(tmp_path), datasets=["Chest CT Scan"])
+    assert [row["id"] for row in rows] == ["Chest CT Scan/ct-same", "Chest CT Scan/ct-same#1", "Chest CT Scan/ct-same#2"]
+
+
 # ---------------------------------------------------------------- the paper split
 
 

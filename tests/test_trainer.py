@@ -333,6 +333,23 @@ def test_missing_image_fails_at_its_step_naming_the_row_and_keeps_earlier_metric
     assert [m["step"] for m in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
 
 
+@pytest.mark.parametrize("field, value", [("image", None), ("images", [])])
+def test_a_prompt_whose_image_is_absent_is_named(tiny_parts, toy_rows, field, value):
+    _, processor = tiny_parts
+    rows = [dict(row) for row in toy_rows[:3]]
+    rows[1].pop("image")
+    rows[1][field] = value
+    with pytest.raises(ValueError, match=r"row 11\b.*1 image part.*'image'.*gives 0"):
+        encode_prompts(processor, rows, [10, 11, 12], max_prompt_length=1024)
+
+
+def test_sampling_settings_are_checked():
+    with pytest.raises(ValueError, match=r"temperature must be > 0, got 0"):
+        GRPOConfig(temperature=0.0)
+    with pytest.raises(ValueError, match=r"top_p=1.5"):
+        GRPOConfig(top_p=1.5)
+
+
 # ---------------------------------------------------------------- SFT
 
 
@@ -437,3 +454,21 @@ def test_evaluate_scores_greedy_completions_and_writes_them(tiny_parts, toy_rows
     again = evaluate(model, processor, rows, [vowel_fraction, format_reward], batch_size=6, max_completion_length=12)
     assert [r["completion"] for r in again["records"]] == completions
     assert again["accuracy"] == result["accuracy"]
+
+
+def test_evaluate_accuracy_is_the_accuracy_function_whatever_the_order(tiny_parts, toy_rows):
+    model, processor = tiny_parts
+
+    def letter_accuracy(prompts, completions, **columns):
+        return [0.25] * len(completions)
+
+    result = evaluate(model, processor, toy_rows[:2], [format_reward, letter_accuracy], max_completion_length=4)
+    assert result["accuracy"] == 0.25 and result["format_reward"] == 0.0
+
+
+def test_evaluate_refuses_rows_sharing_an_id(tiny_parts, toy_rows):
+    model, processor = tiny_parts
+    rows = [dict(row) for row in toy_rows[:3]]
+    rows[2]["id"] = rows[0]["id"]
+    with pytest.raises(ValueError, match=r"rows 0 and 2 have the same id"):
+        evaluate(model, processor, rows, [format_reward], max_completion_length=4)
