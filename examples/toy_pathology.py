@@ -93,7 +93,8 @@ def sft_config(args, output_dir: str, steps: int) -> SFTConfig:
     # freezes a pretrained one).
     return SFTConfig(output_dir=output_dir, batch_size=16, micro_batch_size=8 if args.deepspeed else 16,
                      learning_rate=args.sft_lr, max_steps=steps, warmup_steps=5, lr_scheduler="cosine",
-                     freeze_vision_tower=False, seed=args.seed, save_steps=0, deepspeed=args.deepspeed)
+                     freeze_vision_tower=False, seed=args.seed, save_steps=0, deepspeed=args.deepspeed,
+                     overwrite_output_dir=True)  # a demo run replaces the previous demo's output
 
 
 def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0) -> GRPOConfig:
@@ -104,7 +105,7 @@ def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0) -> GRPOC
                       completions_per_micro_batch=16 if args.deepspeed else 4 * args.prompts_per_step,
                       max_completion_length=args.max_completion_length, learning_rate=args.grpo_lr, beta=0.04,
                       max_steps=steps, seed=args.seed, save_steps=0, eval_steps=eval_steps, eval_batch_size=100,
-                      deepspeed=args.deepspeed)
+                      deepspeed=args.deepspeed, overwrite_output_dir=True)
 
 
 def stage_result(result: dict) -> dict:

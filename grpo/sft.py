@@ -17,7 +17,7 @@ from .distributed import Optimization, all_reduce_sum, is_main_process, shard, w
 from .rollout import completion_logprobs, encode_prompts
 from .training import (
     JsonlLog, Progress, load_checkpoint, prepare_model, resolve_checkpoint, save_checkpoint, seed_everything,
-    setup_processes,
+    setup_processes, start_output_dir,
 )
 
 
@@ -29,7 +29,7 @@ class SFTConfig(ConfigMixin):
     batch_size: int = 8  # rows per optimizer step, over all processes
     micro_batch_size: int = 8  # rows per forward/backward on one process; must divide batch_size / processes
     max_prompt_length: int = 1024
-    max_completion_length: int = 1024  # longer targets are cut (and counted in metrics)
+    max_completion_length: int = 1024  # longer targets are cut (their fraction is logged as truncated_frac)
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -47,23 +47,27 @@ class SFTConfig(ConfigMixin):
     save_steps: int = 500  # 0 = only at the end
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
+    overwrite_output_dir: bool = False  # a fresh run may replace the results of an earlier run in output_dir
 
     def __post_init__(self):
         if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
 
 
-def encode_targets(tokenizer, texts: list[str], end_token: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded target ids [N, T] and their mask; the end-of-turn token closes each target."""
+def encode_targets(tokenizer, texts: list[str], end_token: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Right-padded target ids [N, T], their mask, and how many targets were cut to fit `max_length`;
+    the end-of-turn token closes each target."""
     end_id = tokenizer.convert_tokens_to_ids(end_token)
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1] + [end_id] for text in texts]
+    full = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    cut = sum(len(ids) > max_length - 1 for ids in full)
+    rows = [ids[: max_length - 1] + [end_id] for ids in full]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    return ids, mask
+    return ids, mask, cut
 
 
 class SFTTrainer:
@@ -101,11 +105,13 @@ class SFTTrainer:
         return [self.train_dataset[i] for i in indices], indices
 
     def encode(self, rows: list[dict], row_indices: list[int]):
-        """Prompt inputs and right-padded target ids [N, T] with their mask, on this process's device."""
+        """Prompt inputs, right-padded target ids [N, T] with their mask (on this process's device), and
+        how many targets were cut to max_completion_length."""
         cfg = self.config
         prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(self.device)
-        ids, mask = encode_targets(self.tokenizer, [row["completion"] for row in rows], "<|im_end|>", cfg.max_completion_length)
-        return prompts, ids.to(self.device), mask.to(self.device)
+        ids, mask, cut = encode_targets(self.tokenizer, [row["completion"] for row in rows], "<|im_end|>",
+                                        cfg.max_completion_length)
+        return prompts, ids.to(self.device), mask.to(self.device), cut
 
     def loss(self, prompts, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Summed negative log-likelihood of the target tokens."""
@@ -117,9 +123,8 @@ class SFTTrainer:
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume:
             self.step = load_checkpoint(resume, self.opt)["step"]
+        start_output_dir(cfg.output_dir, resume, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         main = is_main_process()
-        if main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
         log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), self.step if resume else None) if main else None
         progress = Progress(cfg.max_steps, self.step, "sft") if main else None
         history = []
@@ -132,10 +137,11 @@ class SFTTrainer:
             # the target token count is known before any forward, so each backward is weighted now.
             micro_batches = [self.encode(rows[i : i + cfg.micro_batch_size], indices[i : i + cfg.micro_batch_size])
                              for i in range(0, len(rows), cfg.micro_batch_size)]
-            local_tokens = sum(mask.sum() for _, _, mask in micro_batches).float()
-            tokens = float(all_reduce_sum(local_tokens))
+            local = torch.stack([sum(mask.sum() for _, _, mask, _ in micro_batches).float(),
+                                 torch.tensor(float(sum(cut for *_, cut in micro_batches)))]).to(self.device)
+            tokens, cut = all_reduce_sum(local).tolist()  # target tokens and cut targets of the whole step
             nll_total = 0.0
-            for prompts, ids, mask in micro_batches:
+            for prompts, ids, mask, _ in micro_batches:
                 nll = self.loss(prompts, ids, mask)
                 # DeepSpeed averages gradients over processes; the factor `size` turns that into the sum.
                 self.opt.backward(nll * (size / tokens))
@@ -145,7 +151,8 @@ class SFTTrainer:
             step_time = time.time() - t0
             nll_total = float(all_reduce_sum(torch.tensor(nll_total, device=self.device)))
             record = {"step": self.step, "loss": nll_total / tokens, "grad_norm": grad_norm, "lr": self.opt.lr,
-                      "tokens": int(tokens), "step_time": step_time, "tokens_per_sec": tokens / step_time}
+                      "tokens": int(tokens), "truncated_frac": cut / cfg.batch_size, "step_time": step_time,
+                      "tokens_per_sec": tokens / step_time}
             history.append(record)
             if main:
                 log.write(record)

@@ -29,7 +29,7 @@ from .rollout import (
 )
 from .training import (
     JsonlLog, Progress, load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, save_checkpoint,
-    seed_everything, setup_processes,
+    seed_everything, setup_processes, start_output_dir,
 )
 
 
@@ -85,6 +85,7 @@ class GRPOConfig(ConfigMixin):
     save_steps: int = 500  # 0 = only at the end
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
+    overwrite_output_dir: bool = False  # a fresh run may replace the results of an earlier run in output_dir
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -377,9 +378,8 @@ class Trainer:
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume:
             self.step = load_checkpoint(resume, self.opt)["step"]
+        start_output_dir(cfg.output_dir, resume, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         main = is_main_process()
-        if main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
         start = self.step if resume else None
         metrics_log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), start) if main else None
         samples_log = JsonlLog(os.path.join(cfg.output_dir, "completions.jsonl"), start) if main else None

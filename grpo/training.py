@@ -98,6 +98,28 @@ def prepare_reference_model(ref_model, policy, cfg, device):
     return ref.to(device)
 
 
+def start_output_dir(output_dir: str, resume: str | None, resume_from_checkpoint, overwrite: bool) -> None:
+    """Make `output_dir` ready for a run; a fresh run never silently replaces an earlier run's results.
+
+    Resuming (or `resume_from_checkpoint="latest"` finding no checkpoint yet: a run that stopped
+    before its first save is simply started again) keeps what is there. Otherwise a directory that
+    already holds checkpoints or metrics is an error, unless `overwrite` is set: then its
+    checkpoints are removed, so that `save_total_limit` and "latest" never pick a stale one.
+    """
+    if is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        if resume is None and resume_from_checkpoint != "latest":
+            metrics = os.path.join(output_dir, "metrics.jsonl")
+            found = list_checkpoints(output_dir) + ([metrics] if os.path.isfile(metrics) and os.path.getsize(metrics) else [])
+            if found and not overwrite:
+                raise ValueError(
+                    f"output_dir {output_dir} already holds a run ({', '.join(os.path.basename(f) for f in found)}); "
+                    f"resume it (resume_from_checkpoint='latest'), choose another output_dir, or set overwrite_output_dir=True")
+            for old in list_checkpoints(output_dir):
+                shutil.rmtree(old)
+    barrier()
+
+
 class JsonlLog:
     """Append-only JSON-lines file; on resume, lines of steps after the checkpoint are dropped."""
 

@@ -21,6 +21,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from data import build_messages, sft_target
 from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, evaluate
 from grpo.rollout import encode_prompts
+from grpo.sft import encode_targets
 from grpo.trainer import call_reward_functions, combine_rewards
 from rewards import format_reward
 
@@ -380,11 +381,11 @@ def test_sft_loss_is_cross_entropy_on_the_assistant_tokens_only(tiny_parts, toy_
                                                                           micro_batch_size=3))
     with torch.no_grad():
         # One padded batch (left-padded prompts, right-padded completions of different lengths) ...
-        prompts, ids, mask = trainer.encode(rows, [0, 1, 2])
+        prompts, ids, mask, cut = trainer.encode(rows, [0, 1, 2])
         nll, count = trainer.loss(prompts, ids, mask), int(mask.sum())
         # ... equals the sum of three independent single-row computations.
         expected = [_independent_sft_nll(trainer.model, processor, row) for row in rows]
-    assert count == sum(n for _, n in expected)
+    assert count == sum(n for _, n in expected) and cut == 0
     assert float(nll) == pytest.approx(float(sum(e for e, _ in expected)), rel=1e-5)
 
     # Which tokens count depends on the completion only: completion tokens + <|im_end|>, whatever the prompt.
@@ -398,6 +399,34 @@ def test_sft_loss_is_cross_entropy_on_the_assistant_tokens_only(tiny_parts, toy_
         count_short = int(trainer.encode([row], [0])[2].sum())
         count_long = int(trainer.encode([longer], [0])[2].sum())
     assert count_short == count_long == len(tokenizer(row["completion"], add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_sft_targets_cut_to_the_length_limit_are_counted(tiny_parts):
+    tokenizer = tiny_parts[1].tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids, mask, cut = encode_targets(tokenizer, ["<think>a long piece of reasoning</think>", "ok"], "<|im_end|>", 5)
+    assert cut == 1 and ids.shape == (2, 5) and int(ids[0, 4]) == end  # the cut target still ends its turn
+    assert mask[1].sum() == len(tokenizer("ok", add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_a_fresh_run_never_replaces_an_earlier_one_unless_asked(tiny_parts, toy_rows, tmp_path):
+    model, processor = tiny_parts
+    rows = [{**row, "completion": sft_target(row)} for row in toy_rows[:4]]
+
+    def run(**overrides):
+        settings = dict(output_dir=str(tmp_path), batch_size=2, micro_batch_size=2, max_steps=2, save_steps=1,
+                        max_completion_length=16)
+        cfg = SFTConfig(**{**settings, **overrides})
+        return SFTTrainer(copy.deepcopy(model), processor, rows, cfg).train()
+
+    run()
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-1, checkpoint-2, metrics.jsonl\).*overwrite_output_dir"):
+        run(max_steps=1)
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2  # nothing of the first run was touched
+    run(max_steps=1, overwrite_output_dir=True)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "metrics.jsonl"]  # no stale checkpoint-2 left
+    run(max_steps=2, resume_from_checkpoint="latest")  # resuming is not a fresh run
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 # ---------------------------------------------------------------- learning
