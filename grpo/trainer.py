@@ -13,6 +13,7 @@ One training step:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import inspect
 import os
@@ -155,7 +156,7 @@ def call_reward_functions(funcs, prompts, completions, columns) -> list[list[flo
             results[i] = value
         return results
 
-    results = asyncio.run(run_all())
+    results = _run_coroutine(run_all())
     for func, values in zip(funcs, results):
         if values is None or len(values) != len(completions):
             got = "None" if values is None else f"{len(values)} values"
@@ -190,6 +191,16 @@ def _by_key(dicts: list[dict]) -> dict[str, list]:
         for key, value in d.items():
             out.setdefault(key, []).append(value)
     return out
+
+
+def _run_coroutine(coroutine):
+    """asyncio.run, also from code that already runs an event loop (a notebook): there in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def combine_rewards(results, weights) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,10 +343,12 @@ class Trainer:
     def update(self, batch: Rollout, advantages: torch.Tensor) -> dict[str, float]:
         """num_iterations optimizer updates over the rollout; returns loss/kl/clip_ratio/grad_norm.
 
-        Micro-batch losses are weighted so that the update equals one over the whole step's batch
-        on a single process: every loss_type except dapo averages over sequences (each process's
-        mean, then DeepSpeed averages processes); dapo divides by the step's token count over all
-        processes, and is scaled by the world size to undo DeepSpeed's averaging.
+        Micro-batch losses are weighted by their share of the process's completions, and DeepSpeed
+        averages the processes: grpo and dr_grpo then equal one loss over the whole step's batch on
+        a single process. bnpo's token mean is taken per micro-batch (as in TRL), so with several
+        micro-batches it is the mean of their token means. dapo divides by the step's token count over
+        all processes (the same whatever the micro-batching) and is scaled by the world size to undo
+        DeepSpeed's averaging.
         """
         cfg = self.config
         _, size = world()

@@ -85,7 +85,11 @@ class AccuracyReward:
         if answer is None:
             return 0.0
         got = parse_option(answer)
-        return float(got[0] == want[0]) if self.mode == "letter" else float(got == want)
+        if self.mode == "letter":
+            return float(got[0] == want[0])
+        if want[0] is None:  # a solution with no letter: whatever letter the answer gives, its content decides
+            return float(got[1] == want[1])
+        return float(got == want)
 
 
 accuracy_reward = AccuracyReward()

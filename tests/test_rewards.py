@@ -143,6 +143,11 @@ def test_accuracy_unknown_mode_lists_valid_modes():
         AccuracyReward("exact")
 
 
+def test_a_solution_without_letter_is_matched_on_content():
+    completions = [wrap("B) Whorled pattern"), wrap("whorled  pattern."), wrap("B) Dense")]
+    assert accuracy_reward(None, completions, solution=["Whorled pattern"] * 3) == [1.0, 1.0, 0.0]
+
+
 def test_letter_mode_rejects_a_solution_without_letter():
     with pytest.raises(ValueError, match="Whorled pattern"):
         AccuracyReward("letter")(None, [wrap("B")], solution=["Whorled pattern"])

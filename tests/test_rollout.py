@@ -28,8 +28,10 @@ def test_rollout_masks_eos_truncation_and_forbidden_tokens(tiny_parts, toy_rows)
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     forbidden = forbidden_token_ids(tok)
-    # Make the vision tokens the most likely ones: they must still never be sampled.
+    # Make the vision tokens the most likely ones: they must still never be sampled. EOS made
+    # moderately likely, so that some completions end mid-way while others run to the limit.
     _boost(model, forbidden)
+    _boost(model, [eos], amount=3.0)
     g = torch.Generator().manual_seed(0)
     out = generate(model, prompts, group_size=4, max_new_tokens=12, eos_token_ids=[eos],
                    pad_token_id=tok.pad_token_id, forbidden_ids=forbidden, generator=g)
@@ -43,6 +45,8 @@ def test_rollout_masks_eos_truncation_and_forbidden_tokens(tiny_parts, toy_rows)
             assert not truncated
         else:
             assert mask == [1] * len(ids) and truncated
+    ended_early = [eos in ids[:-1] for ids in out.ids.tolist()]
+    assert any(ended_early) and out.truncated.any()  # both branches above were exercised
 
 
 def test_eos_everywhere_ends_after_one_token(tiny_parts, toy_rows):

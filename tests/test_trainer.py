@@ -196,17 +196,27 @@ def test_call_reward_functions_sync_async_and_none():
 
 def test_async_reward_functions_run_concurrently():
     async def slow_one(prompts, completions, **columns):
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)
         return [1.0] * len(completions)
 
     async def slow_two(prompts, completions, **columns):
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)
         return [2.0] * len(completions)
 
     start = time.perf_counter()
     results = call_reward_functions([slow_one, slow_two], ["p", "p"], ["a", "b"], {})
-    assert time.perf_counter() - start < 0.5  # sequential would take 0.6 s
+    assert time.perf_counter() - start < 1.7  # sequential would take 2 s
     assert results == [[1.0, 1.0], [2.0, 2.0]]
+
+
+def test_reward_functions_can_be_called_from_a_running_event_loop():
+    async def half(prompts, completions, **columns):
+        return [0.5] * len(completions)
+
+    async def notebook_cell():  # Jupyter runs cells inside an event loop
+        return call_reward_functions([half, char_count], ["p"], ["abc"], {})
+
+    assert asyncio.run(notebook_cell()) == [[0.5], [3.0]]
 
 
 def _raises_sync(prompts, completions, **columns):
