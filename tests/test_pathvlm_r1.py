@@ -190,6 +190,9 @@ def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(work
     assert decoded == [2]
     assert again == summary
     assert sorted(records_path.read_text().splitlines()) == sorted(lines)
+    # Everything finished: the model (7B on a real run) is not even loaded.
+    monkeypatch.setattr(evaluate, "load_policy", lambda *args, **kwargs: pytest.fail("a finished model was loaded"))
+    assert evaluate.main(eval_args + ["--only", "R1-7B"]) == summary
 
 
 def test_judge_section_without_a_judge_reward_is_a_clear_error(monkeypatch):

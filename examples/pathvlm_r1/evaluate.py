@@ -67,10 +67,30 @@ def load_datasets(config: dict, source: str) -> dict[str, list[dict]]:
     return datasets
 
 
+def finished_ids(path: str) -> set:
+    """Ids of the records already written to `path` (a cut last line is ignored)."""
+    if not os.path.exists(path):
+        return set()
+    ids = set()
+    with open(path) as f:
+        for line in filter(str.strip, f):
+            try:
+                ids.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError):
+                continue
+    return ids
+
+
 def evaluate_model(name: str, path: str, datasets: dict, config: dict) -> None:
+    records = {dataset: os.path.join(config["output_dir"], "records", name, f"{dataset}.jsonl") for dataset in datasets}
+    todo = {dataset: rows for dataset, rows in datasets.items()
+            if not {row["id"] for row in rows} <= finished_ids(records[dataset])}
+    if not todo:
+        print(f"[{name}] every dataset already evaluated ({', '.join(datasets)}); not loading the model")
+        return
     model, processor = load_policy(path, config["dtype"])
-    for dataset, rows in datasets.items():
-        out = os.path.join(config["output_dir"], "records", name, f"{dataset}.jsonl")
+    for dataset, rows in todo.items():
+        out = records[dataset]
         result = evaluate(model, processor, rows, SCORERS, batch_size=config["batch_size"],
                           max_completion_length=config["max_completion_length"],
                           max_prompt_length=config["max_prompt_length"], output_path=out, resume=True,
