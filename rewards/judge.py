@@ -20,8 +20,10 @@ import math
 import os
 import random
 import re
+import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timezone
 from email.utils import parsedate_to_datetime
 
 import httpx
@@ -93,7 +95,7 @@ def parse_scores(text: str) -> tuple[float, float] | None:
     for candidate in candidates:
         try:
             scores = _read_scores(json.loads(candidate))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
             continue
         if scores is not None:
             return scores
@@ -101,7 +103,7 @@ def parse_scores(text: str) -> tuple[float, float] | None:
     for start in (i for i, ch in enumerate(text) if ch == "{"):
         try:
             value, _ = decoder.raw_decode(text, start)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         scores = _read_scores(value)
         if scores is not None:
@@ -119,7 +121,7 @@ def _read_scores(value) -> tuple[float, float] | None:
             return None
         try:
             number = float(raw)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: a JSON integer beyond float range
             return None
         if not math.isfinite(number):
             return None
@@ -137,9 +139,12 @@ def _retry_after(response: httpx.Response) -> float | None:
     except ValueError:
         pass
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # a "-0000" zone parses to a naive datetime, which timestamp() would take as local time
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
 
 
 class _Secret:
@@ -196,6 +201,11 @@ class JudgeReward:
     api_key: the key; None reads the environment variable `api_key_env`; no key sends no auth header.
     rubric: a `str.format` template with the fields {question}, {thinking}, {predicted_answer} and
         {standard_answer} (literal braces doubled); DEFAULT_RUBRIC is the paper's rubric.
+    response_format: send `{"type": "json_object"}`; dropped for good (from `extra_body` too) once the
+        server rejects response_format.
+    backoff_base, backoff_max: our own wait before retry k is backoff_base * 2**k (jitter x0.5-1),
+        at most backoff_max seconds. A `Retry-After` from the server is honoured instead, up to
+        `retry_after_max` seconds (a sanity ceiling against a broken header, not a rate policy).
     cache_dir: judged scores are stored there keyed by (model, rendered prompt, image hash), so a
         resumed run or a repeated evaluation does not pay twice. Fallbacks are never cached.
     """
@@ -206,7 +216,8 @@ class JudgeReward:
                  query_params: dict | None = None, temperature: float = 0.0, max_tokens: int = 256,
                  response_format: bool = True, image_max_side: int = 768, rubric: str = DEFAULT_RUBRIC,
                  fallback_correct: float = 0.5, fallback_incorrect: float = 0.0, accuracy_mode: str = "option",
-                 backoff_base: float = 1.0, backoff_max: float = 60.0, cache_dir: str | None = None):
+                 backoff_base: float = 1.0, backoff_max: float = 60.0, retry_after_max: float = 300.0,
+                 cache_dir: str | None = None):
         if auth not in ("bearer", "api-key"):
             raise ValueError(f"auth must be 'bearer' or 'api-key', got {auth!r}")
         if max_retries < 0 or max_concurrency < 1 or timeout <= 0:
@@ -223,7 +234,9 @@ class JudgeReward:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.auth = auth
-        self._api_key = _Secret(api_key if api_key is not None else os.environ.get(api_key_env))
+        key = api_key if api_key is not None else os.environ.get(api_key_env)
+        # A key read from a file or `echo`ed into a variable ends in a newline, which httpx refuses in a header.
+        self._api_key = _Secret(key.strip() if key else key)
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_concurrency = max_concurrency
@@ -240,6 +253,7 @@ class JudgeReward:
         self._accuracy = AccuracyReward(accuracy_mode)
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.retry_after_max = retry_after_max
         self.cache_dir = cache_dir
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._reset_counters()
@@ -308,7 +322,12 @@ class JudgeReward:
     def _fallback(self, completion: str, solution: str | None) -> float | None:
         if solution is None:
             return None
-        correct = self._accuracy(None, [completion], solution=[solution])[0] == 1.0
+        try:
+            correct = self._accuracy(None, [completion], solution=[solution])[0] == 1.0
+        except Exception as error:  # e.g. letter mode with a solution without a letter, a non-string completion
+            logger.warning("judge: the fallback cannot check the answer (%s); it counts as incorrect",
+                           self._redact(f"{type(error).__name__}: {error}"))
+            correct = False  # an answer that cannot be checked earns no credit
         return self.fallback_correct if correct else self.fallback_incorrect
 
     # ------------------------------------------------------------------ the request
@@ -377,6 +396,17 @@ class JudgeReward:
                 await state.client.aclose()
 
     async def _judge_one(self, state: _LoopState, key: str, text: str, data_url: str | None):
+        """Scores of one unique request, or None; never raises, so one bad reply costs only its own completions."""
+        try:
+            return await self._judge_with_retries(state, key, text, data_url)
+        except Exception as error:  # a reply or a bug nothing foresaw; raising would fail the whole gather
+            self._counts["failures"] += 1
+            self._last_error = self._redact(f"{type(error).__name__}: {error}")
+            logger.warning("judge: scoring a completion failed unexpectedly (%s); it gets the fallback",
+                           self._last_error)
+            return None
+
+    async def _judge_with_retries(self, state: _LoopState, key: str, text: str, data_url: str | None):
         cached = self._cache_get(key)
         if cached is not None:
             self._counts["cache_hits"] += 1
@@ -396,33 +426,37 @@ class JudgeReward:
             if not outcome.retry or attempt >= self.max_retries:
                 logger.debug("judge: giving up after %d attempts: %s", attempt + 1, outcome.error)
                 return None
-            delay = outcome.delay if outcome.delay is not None else (
-                self.backoff_base * 2 ** attempt * random.uniform(0.5, 1.0))
+            if outcome.delay is not None:  # the server knows its rate limit better than our backoff does
+                delay = min(outcome.delay, self.retry_after_max)
+            else:
+                delay = min(self.backoff_max, self.backoff_base * 2 ** attempt * random.uniform(0.5, 1.0))
             logger.debug("judge: attempt %d failed (%s); retrying in %.2fs", attempt + 1, outcome.error, delay)
-            await _sleep(min(delay, self.backoff_max))
+            await _sleep(delay)
             attempt += 1
             self._counts["retries"] += 1
 
     async def _attempt(self, client: httpx.AsyncClient, body: dict) -> _Outcome:
-        """One POST; never raises. Transport errors, 429 and 5xx are retryable; other 4xx are not."""
+        """One POST; never raises. Timeouts, connection errors, 429 and 5xx are retryable; other 4xx are not."""
         self._counts["requests"] += 1
         start = time.perf_counter()
         try:
             response = await client.post(f"{self.base_url}/chat/completions", json=body, headers=self._headers(),
                                          params=self.query_params or None)
-        except httpx.TransportError as error:  # timeouts, refused or dropped connections
-            self._counts["failures"] += 1
-            return _Outcome(retry=True, error=self._redact(f"{type(error).__name__}: {error}"))
         except httpx.HTTPError as error:
             self._counts["failures"] += 1
-            return _Outcome(error=self._redact(f"{type(error).__name__}: {error}"))
+            # Timeouts, refused or dropped connections may pass; a request httpx refuses to build
+            # (LocalProtocolError, e.g. an illegal header value) fails the same way every time.
+            retry = isinstance(error, httpx.TransportError) and not isinstance(error, httpx.LocalProtocolError)
+            return _Outcome(retry=retry, error=self._redact(f"{type(error).__name__}: {error}"))
         self._latencies.append(time.perf_counter() - start)
         if response.status_code != 200:
-            detail = self._redact(response.text[:300])
+            detail = self._redact(response.text)[:300]  # cut after redacting, or a key across the cut leaks
+            # Only an error about response_format itself: "could not parse the JSON body" is not one.
             if (response.status_code in (400, 422) and "response_format" in body
-                    and ("response_format" in detail or "json" in detail.lower())):
+                    and ("response_format" in detail or "json_object" in detail)):
                 logger.info("judge: the server rejects response_format; sending requests without it")
                 self.response_format = False
+                self.extra_body.pop("response_format", None)  # a user's own format is rejected just the same
                 return _Outcome(error="response_format rejected")
             self._counts["failures"] += 1
             retry = response.status_code in _RETRY_STATUS or response.status_code >= 500
@@ -438,12 +472,12 @@ class JudgeReward:
             if isinstance(content, list):  # some servers return content parts
                 content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
             scores = parse_scores(content) if isinstance(content, str) else None
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
             scores = None
         if scores is None:
             # An unreadable reply is asked again (the paper retries too); sampling may give a readable one.
             self._counts["parse_errors"] += 1
-            return _Outcome(retry=True, delay=0.0, error=f"unparseable reply: {self._redact(response.text[:300])}")
+            return _Outcome(retry=True, delay=0.0, error=f"unparseable reply: {self._redact(response.text)[:300]}")
         return _Outcome(scores=scores)
 
     # ------------------------------------------------------------------ cache
@@ -456,7 +490,7 @@ class JudgeReward:
         try:
             with open(self._cache_path(key)) as f:
                 return _read_scores(json.load(f))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
 
     def _cache_put(self, key: str, scores: tuple[float, float]) -> None:
@@ -465,8 +499,9 @@ class JudgeReward:
         path = self._cache_path(key)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            # A name of its own: threads of one process share a pid, so a pid-named file would collide.
+            fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path))
+            with os.fdopen(fd, "w") as f:
                 json.dump({"integrity_score": scores[0], "knowledge_score": scores[1]}, f)
             os.replace(tmp, path)  # atomic: a reader never sees half a file
         except OSError as error:
@@ -485,11 +520,11 @@ class JudgeReward:
         """Counters since the previous call (then reset).
 
         requests: HTTP requests sent, retries included; retries: repeated attempts; failures: attempts
-        that got a timeout, a connection error or an HTTP error status; parse_errors: replies without
-        readable scores; fallbacks: completions scored by the fallback rule; cache_hits: unique
-        judgements read from the cache; latency_p50/p95: seconds per answered request; integrity_mean /
-        knowledge_mean: over the completions the judge scored (None if none); prompt/completion_tokens:
-        as reported by the server (0 if it does not).
+        that got a timeout, a connection error, an HTTP error status or an unexpected error;
+        parse_errors: replies without readable scores; fallbacks: completions scored by the fallback
+        rule; cache_hits: unique judgements read from the cache; latency_p50/p95: seconds per answered
+        request; integrity_mean / knowledge_mean: over the completions the judge scored (None if none);
+        prompt/completion_tokens: as reported by the server (0 if it does not).
         """
         latencies = sorted(self._latencies)
         result = {
@@ -503,8 +538,14 @@ class JudgeReward:
         return result
 
     def _redact(self, text: str) -> str:
+        """`text` without the key, also in the escaped forms an error message may quote it in (str, bytes, JSON)."""
         key = self._api_key.reveal()
-        return text.replace(key, "***") if key else text
+        if not key:
+            return text
+        forms = {key, repr(key)[1:-1], repr(key.encode(errors="backslashreplace"))[2:-1], json.dumps(key)[1:-1]}
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, "***")
+        return text
 
 
 def _quantile(ordered: list[float], q: float) -> float | None:

@@ -13,9 +13,11 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -183,10 +185,60 @@ def test_an_unreadable_reply_is_asked_again_then_falls_back(serve, waits, conten
     assert judge.stats()["requests"] == 0  # stats() counts since its previous call
 
 
+def answer_38_with(bad):
+    """A script that answers the "About 38 nuclei" completion with the payload `bad`, any other with scores."""
+    def script(index, body, headers):
+        if "About 38 nuclei" in body["messages"][0]["content"][0]["text"]:
+            return 200, bad, {}
+        return 200, chat_reply(scores(0.6, 1.0)), {}
+    return script
+
+
+@pytest.mark.parametrize("bad", [
+    chat_reply('{"integrity_score": 1' + "0" * 400 + ', "knowledge_score": 1}'),  # beyond float range
+    chat_reply("[" * 5000),  # nested deeper than the JSON parser recurses
+    "[" * 5000,  # the same for the whole response body
+], ids=["huge-integer", "deep-content", "deep-body"])
+def test_an_unreadable_reply_costs_only_its_own_completion(serve, waits, bad):
+    server = serve(answer_38_with(bad))
+    judge = make_judge(server, max_retries=0)
+    assert ask(judge, [RIGHT, RIGHT.replace("36", "38")]) == [pytest.approx(0.8), 0.5]  # the other keeps its score
+    stats = judge.stats()
+    assert (stats["parse_errors"], stats["fallbacks"]) == (1, 1)
+
+
+def test_an_unexpected_error_costs_only_its_own_completion(serve, waits, monkeypatch, caplog):
+    parse = judge_module.parse_scores
+
+    def fragile_parse(text):
+        if "boom" in text:
+            raise RuntimeError("a parser bug")
+        return parse(text)
+
+    monkeypatch.setattr(judge_module, "parse_scores", fragile_parse)
+    server = serve(answer_38_with(chat_reply("boom")))
+    judge = make_judge(server)
+    with caplog.at_level(logging.WARNING, logger="rewards.judge"):
+        assert ask(judge, [RIGHT, RIGHT.replace("36", "38")]) == [pytest.approx(0.8), 0.5]
+    assert "RuntimeError: a parser bug" in caplog.text  # said, not swallowed
+    stats = judge.stats()
+    assert (stats["requests"], stats["failures"], stats["retries"], stats["fallbacks"]) == (2, 1, 0, 1)
+
+
 def test_fallback_values_are_configurable(serve, waits):
     server = serve(reply_with("garbage"))
     judge = make_judge(server, max_retries=0, fallback_correct=0.25, fallback_incorrect=-1.0)
     assert ask(judge, [RIGHT, WRONG]) == [0.25, -1.0]
+
+
+def test_an_answer_the_fallback_cannot_check_counts_as_incorrect(serve, waits, caplog):
+    server = serve(reply_with("garbage"))
+    letters = make_judge(server, max_retries=0, accuracy_mode="letter")
+    with caplog.at_level(logging.WARNING, logger="rewards.judge"):
+        assert ask(letters, [RIGHT], solutions=["Dense"]) == [0.0]  # letter mode, a solution without a letter
+    assert "cannot check the answer" in caplog.text
+    judge = make_judge(serve(reply_with(scores(1, 1))))
+    assert ask(judge, [RIGHT, None]) == [1.0, 0.0]  # a completion that is not text cannot be sent nor credited
 
 
 def test_identical_completions_of_a_prompt_cost_one_request(serve, waits):
@@ -226,24 +278,56 @@ def test_backoff_grows_exponentially_up_to_the_cap(serve, waits):
     assert judge.stats()["failures"] == 6
 
 
-def test_429_waits_as_long_as_retry_after_says(serve, waits):
+@pytest.mark.parametrize("retry_after, expected", [
+    ("7", 7.0),
+    ("120", 120.0),  # longer than backoff_max (60 s): the server's limit, not our backoff's
+    ("86400", 300.0),  # a broken header: capped by retry_after_max
+])
+def test_429_waits_as_long_as_retry_after_says(serve, waits, retry_after, expected):
     def script(i, body, headers):
         if i == 0:
-            return 429, {"error": "rate limited"}, {"Retry-After": "7"}
+            return 429, {"error": "rate limited"}, {"Retry-After": retry_after}
         return 200, chat_reply(scores(0.6, 0.6)), {}
 
     server = serve(script)
     judge = make_judge(server, backoff_base=0.001)
     assert ask(judge, [RIGHT]) == [pytest.approx(0.6)]
-    assert waits == [7.0]
+    assert waits == [expected]
+
+
+@pytest.fixture
+def local_time_not_utc():
+    """The process's local time zone set to UTC-5, so a date read as local time is five hours off."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "EST+05"
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+@pytest.mark.parametrize("usegmt", [False, True], ids=["-0000", "GMT"])
+def test_retry_after_as_an_http_date_is_utc(serve, waits, local_time_not_utc, usegmt):
+    def script(i, body, headers):
+        if i == 0:
+            return 429, {"error": "rate limited"}, {"Retry-After": formatdate(time.time() + 30, usegmt=usegmt)}
+        return 200, chat_reply(scores(0.6, 0.6)), {}
+
+    server = serve(script)
+    judge = make_judge(server)
+    assert ask(judge, [RIGHT]) == [pytest.approx(0.6)]
+    assert len(waits) == 1 and 28 <= waits[0] <= 31  # whole seconds in the header
 
 
 def test_a_timeout_is_retried(serve, waits):
     def script(i, body, headers):
-        return 200, chat_reply(scores(1, 1)), {}, (1.0 if i == 0 else 0.0)
+        return 200, chat_reply(scores(1, 1)), {}, (3.0 if i == 0 else 0.0)
 
     server = serve(script)
-    judge = make_judge(server, timeout=0.2)
+    judge = make_judge(server, timeout=1.0)  # ample for the instant retry on a loaded machine
     assert ask(judge, [RIGHT]) == [1.0]
     stats = judge.stats()
     assert (stats["requests"], stats["failures"], stats["retries"]) == (2, 1, 1)
@@ -264,19 +348,29 @@ def test_client_errors_other_than_429_are_not_retried(serve, waits, status):
     assert len(server.requests) == 1 and waits == []
 
 
-def test_response_format_is_dropped_when_the_server_rejects_it(serve, waits):
+@pytest.mark.parametrize("extra_body", [{}, {"response_format": {"type": "json_schema", "json_schema": {"name": "s"}}}],
+                         ids=["ours", "the-users"])
+def test_response_format_is_dropped_when_the_server_rejects_it(serve, waits, extra_body):
     def script(i, body, headers):
         if "response_format" in body:
             return 400, {"error": {"message": "response_format is not supported by this model"}}, {}
         return 200, chat_reply(scores(1, 1)), {}
 
     server = serve(script)
-    judge = make_judge(server)
+    judge = make_judge(server, extra_body=extra_body)
     assert ask(judge, [RIGHT]) == [1.0]
     assert ask(judge, [WRONG]) == [1.0]
     sent = [("response_format" in r["body"]) for r in server.requests]
     assert sent == [True, False, False]  # asked once with it, then never again
     assert judge.stats()["retries"] == 0
+
+
+def test_a_bad_request_about_something_else_keeps_response_format(serve, waits):
+    server = serve(lambda i, body, headers: (400, {"error": {"message": "could not parse the JSON body"}}, {}))
+    judge = make_judge(server)
+    assert ask(judge, [RIGHT]) == [0.5]
+    assert ask(judge, [WRONG]) == [0.0]
+    assert [("response_format" in r["body"]) for r in server.requests] == [True, True]  # one request each, unchanged
 
 
 def test_malformed_input_falls_back_instead_of_raising(serve, waits):
@@ -292,15 +386,21 @@ def test_malformed_input_falls_back_instead_of_raising(serve, waits):
 
 
 def test_requests_run_concurrently_up_to_max_concurrency(serve, waits):
-    delay, n, bound = 0.3, 8, 4
-    server = serve(lambda i, body, headers: (200, chat_reply(scores(1, 1)), {}, delay))
-    judge = make_judge(server, max_concurrency=bound)
+    delay, n, bound = 0.5, 6, 3
     completions = [RIGHT.replace("36", str(30 + k)) for k in range(n)]  # distinct, so none is deduplicated
-    start = time.perf_counter()
-    assert ask(judge, completions) == [1.0] * n
-    elapsed = time.perf_counter() - start
-    assert server.peak == bound  # the bound is reached and never exceeded
-    assert elapsed < 0.75 * n * delay  # about n / bound * delay = 0.6 s; serial would be 2.4 s
+
+    def timed(max_concurrency):
+        server = serve(lambda i, body, headers: (200, chat_reply(scores(1, 1)), {}, delay))
+        judge = make_judge(server, max_concurrency=max_concurrency)
+        start = time.perf_counter()
+        assert ask(judge, completions) == [1.0] * n
+        return time.perf_counter() - start, server.peak
+
+    serial, serial_peak = timed(1)  # measured, so load on the machine slows both runs alike
+    concurrent, peak = timed(bound)
+    assert serial_peak == 1 and peak == bound  # the bound is reached and never exceeded
+    # Ideally n / bound * delay = 1 s against 3 s serial; a serialised judge would take the full 3 s.
+    assert concurrent < 0.6 * serial
 
 
 def test_several_event_loops_reuse_the_judge(serve, waits):
@@ -383,6 +483,36 @@ def test_the_key_never_appears_in_stats_logs_or_repr(serve, waits, caplog):
         assert SECRET not in text
 
 
+def test_a_key_with_a_trailing_newline_is_sent_without_it(serve, waits, monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET + "\n")  # as `export KEY=$(cat key.txt)` leaves it
+    server = serve(reply_with(scores(1, 1)))
+    judge = JudgeReward(server.base_url, "m", api_key_env="MY_JUDGE_KEY", max_retries=0)
+    assert ask(judge, [RIGHT]) == [1.0]
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+
+
+def test_a_key_httpx_refuses_is_not_retried_nor_logged(serve, waits, caplog):
+    server = serve(reply_with(scores(1, 1)))
+    judge = make_judge(server, api_key="sk-test\n9f8e7d6c5b4a")  # an illegal header value, quoted in httpx's error
+    with caplog.at_level(logging.DEBUG, logger="rewards.judge"):
+        assert ask(judge, [RIGHT]) == [0.5]
+    assert "LocalProtocolError" in caplog.text  # the cause is logged ...
+    assert "sk-test" not in caplog.text and "9f8e7d6c5b4a" not in caplog.text  # ... without the key, escaped or not
+    assert server.requests == [] and waits == []  # the same request would fail the same way
+    stats = judge.stats()
+    assert (stats["requests"], stats["failures"], stats["retries"], stats["fallbacks"]) == (1, 1, 0, 1)
+
+
+@pytest.mark.parametrize("status", [500, 200])
+def test_a_key_across_the_cut_of_a_logged_reply_is_redacted(serve, waits, caplog, status):
+    # The logged error quotes the first 300 characters of the reply; the echoed key straddles that cut.
+    server = serve(lambda i, body, headers: (status, "x" * 290 + headers["Authorization"].split()[1] + "y" * 50, {}))
+    judge = make_judge(server, max_retries=0)
+    with caplog.at_level(logging.DEBUG, logger="rewards.judge"):
+        assert ask(judge, [RIGHT]) == [0.5]
+    assert "x" * 290 in caplog.text and SECRET[:10] not in caplog.text
+
+
 def test_the_key_comes_from_the_environment(serve, waits, monkeypatch):
     monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
     server = serve(reply_with(scores(1, 1)))
@@ -403,8 +533,18 @@ def test_a_rubric_without_the_sections_is_refused():
 
 
 def test_cache_hits_skip_the_network(serve, waits, tmp_path):
-    replies = iter([scores(0.6, 1.0), scores(0.2, 0.2), "garbage", "garbage"])
-    server = serve(lambda i, body, headers: (200, chat_reply(next(replies)), {}))
+    def grade(index, body, headers):
+        # Requests run concurrently and arrive in any order: answer by what is asked, never by arrival.
+        text_part, image_part = body["messages"][0]["content"]
+        png = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])
+        same_image = Image.open(io.BytesIO(png)).size == (40, 40)  # tile(), not tile(30)
+        if same_image and "About 36 nuclei" in text_part["text"]:
+            return 200, chat_reply(scores(0.6, 1.0)), {}
+        if same_image and "About 38 nuclei" in text_part["text"]:
+            return 200, chat_reply(scores(0.2, 0.2)), {}
+        return 200, chat_reply("garbage"), {}
+
+    server = serve(grade)
     first = make_judge(server, cache_dir=str(tmp_path), max_retries=0)
     completions = [RIGHT, RIGHT.replace("36", "38"), WRONG]
     assert ask(first, completions) == [pytest.approx(0.8), pytest.approx(0.2), 0.0]  # the third fell back
@@ -415,6 +555,20 @@ def test_cache_hits_skip_the_network(serve, waits, tmp_path):
     assert resumed.stats()["cache_hits"] == 2
     other_image = ask(resumed, completions[:1], image=tile(30))  # another image is another question
     assert len(server.requests) == 5 and other_image == [0.5]
+
+
+def test_a_cache_write_never_touches_another_writers_temp_file(serve, waits, tmp_path):
+    server = serve(reply_with(scores(0.6, 1.0)))
+    assert ask(make_judge(server, cache_dir=str(tmp_path)), [RIGHT]) == [pytest.approx(0.8)]
+    [entry] = tmp_path.glob("*/*.json")
+    entry.unlink()
+    # Another thread of this process (same pid) is half-way through writing the same entry.
+    other = Path(f"{entry}.{os.getpid()}.tmp")
+    other.write_text('{"integrity_score": 0.')
+    assert ask(make_judge(server, cache_dir=str(tmp_path)), [RIGHT]) == [pytest.approx(0.8)]
+    assert other.read_text() == '{"integrity_score": 0.'  # left for its writer to finish
+    assert json.loads(entry.read_text()) == {"integrity_score": 0.6, "knowledge_score": 1.0}
+    assert sorted(p.name for p in entry.parent.iterdir()) == sorted([entry.name, other.name])  # no temp left over
 
 
 # ---------------------------------------------------------------- inside the trainer
