@@ -22,10 +22,12 @@ from grpo.tiny import build_processor, build_tiny_tokenizer, model_from_config, 
 # name -> model and workload shape. paper-shape-small keeps the paper's proportions at CPU size:
 # ~256 visual tokens per prompt (448 x 448 image), short answers (64 tokens), a model of tens of
 # millions of parameters with Qwen2.5-VL's head_dim 128 and mRoPE sections [16, 24, 24].
+# max_vocab_size caps the BPE tokenizer trained on the toy corpus; the corpus may stop it earlier
+# (paper-shape-small's stops at 831), so the built size is read off the model: `describe`.
 CONFIGS = {
-    "tiny": dict(hidden_size=64, num_layers=2, vision=None, image_size=56, vocab_size=512,
+    "tiny": dict(hidden_size=64, num_layers=2, vision=None, image_size=56, max_vocab_size=512,
                  prompts_per_step=2, group_size=4, max_completion_length=16),
-    "paper-shape-small": dict(hidden_size=512, num_layers=8, image_size=448, vocab_size=4096,
+    "paper-shape-small": dict(hidden_size=512, num_layers=8, image_size=448, max_vocab_size=4096,
                               vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, window_size=112),
                               prompts_per_step=2, group_size=4, max_completion_length=64),
 }
@@ -41,7 +43,7 @@ def build(name: str):
     shape = CONFIGS[name]
     rows = rows_for(name, 64)
     corpus = [row["question"] + " " + " ".join(row["options"]) + " " + row["explanation"] for row in rows]
-    tokenizer = build_tiny_tokenizer(corpus, vocab_size=shape["vocab_size"])
+    tokenizer = build_tiny_tokenizer(corpus, vocab_size=shape["max_vocab_size"])
     pixels = shape["image_size"] ** 2
     processor = build_processor(tokenizer, min_pixels=pixels, max_pixels=pixels)
     config = tiny_config(tokenizer, hidden_size=shape["hidden_size"], num_layers=shape["num_layers"],
@@ -52,15 +54,20 @@ def build(name: str):
     return model_from_config(config, SEED), processor
 
 
+def describe(model) -> dict:
+    """The built model's sizes, for the JSON reports (the vocabulary is the built one, not the cap)."""
+    text = model.config.text_config
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "vision_parameters": sum(p.numel() for p in model.model.visual.parameters()),
+            "vocab_size": text.vocab_size, "hidden_size": text.hidden_size, "layers": text.num_hidden_layers}
+
+
 def save(name: str, directory: str) -> dict:
-    """Save the config's model and processor to `directory`; returns a description of the model."""
+    """Save the config's model and processor to `directory`; returns `describe` of the model."""
     model, processor = build(name)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
-    visual = sum(p.numel() for p in model.model.visual.parameters())
-    return {"parameters": sum(p.numel() for p in model.parameters()), "vision_parameters": visual,
-            "vocab_size": model.config.text_config.vocab_size, "hidden_size": model.config.text_config.hidden_size,
-            "layers": model.config.text_config.num_hidden_layers}
+    return describe(model)
 
 
 def peak_rss_mib() -> float:

@@ -60,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--freeze-vision-tower", action="store_true",
                         help="freeze the vision tower in GRPO as the paper does (its tower is pretrained; ours is not)")
     parser.add_argument("--max-completion-length", type=int, default=64)
+    # The `deepspeed` launcher appends --local_rank=N; the trainers read LOCAL_RANK from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

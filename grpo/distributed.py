@@ -133,6 +133,28 @@ def any_rank(flag: bool, device) -> bool:
     return bool(all_reduce_sum(torch.tensor([int(flag)], device=device)).item() > 0)
 
 
+def check_images_on_every_rank(images_per_prompt: list[int], row_indices: list[int], device) -> None:
+    """Under ZeRO-3, refuse prompts of which some carry images and others do not (collective: every
+    process calls it with its own prompts, and all raise together).
+
+    Every forward of a ZeRO-3 vision tower gathers its sharded parameters on all processes at once;
+    a process whose prompts (or micro-batch) hold no image skips that forward and leaves the others
+    waiting forever. Across all processes, either every prompt has an image or none has.
+    """
+    _, size = world()
+    if size == 1:
+        return
+    mine = sum(count > 0 for count in images_per_prompt)
+    with_images, prompts = all_reduce_sum(torch.tensor([mine, len(images_per_prompt)], device=device)).tolist()
+    if 0 < with_images < prompts:
+        without = [index for index, count in zip(row_indices, images_per_prompt) if count == 0]
+        raise ValueError(
+            f"under DeepSpeed ZeRO-3 either every prompt has an image or none has, but {with_images} of the {prompts} "
+            f"prompts on the {size} processes have one (rows without an image here: {without[:8] or 'none'}): the "
+            f"vision tower's forward gathers its sharded weights on all processes together, so a process without an "
+            f"image would leave the others waiting. Give every row an image, drop the text-only rows, or use zero2")
+
+
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
@@ -149,28 +171,45 @@ def shard(items: list, name: str) -> list:
 
 # ---------------------------------------------------------------- DeepSpeed configs
 
+# The update's sizes and clipping. The trainer config is their one source: a DeepSpeed config may
+# leave them out or set them to "auto"; an explicit value must equal the trainer's.
+UPDATE_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+# Sections DeepSpeed would build its own optimizer / LR schedule from. The trainers hand it their
+# AdamW and schedule, and DeepSpeed then ignores these sections without a word: refuse them instead.
+OWN_SECTIONS = {"optimizer": "learning_rate, weight_decay and adam_betas",
+                "scheduler": "warmup_steps and lr_scheduler"}
 
-def deepspeed_config(spec, *, micro_batch_size: int, accumulation_steps: int, max_grad_norm: float, bf16: bool,
-                     offload_optimizer: bool = False, offload_params: bool = False) -> dict:
-    """A DeepSpeed config from a preset ("zero2" / "zero3"), a JSON path or a dict.
 
-    Batch sizes, gradient accumulation, clipping and bf16 always come from the trainer config, so
-    no number is given twice: a user JSON may leave them out or set them to "auto"; a different
-    explicit value is an error naming the key.
-    """
+def read_deepspeed_spec(spec) -> dict:
+    """The user's DeepSpeed settings as a new dict, from a preset ("zero2" / "zero3"), a JSON path or a dict."""
     if isinstance(spec, dict):
-        config = copy.deepcopy(spec)
-    elif spec in ZERO_PRESETS:
+        return copy.deepcopy(spec)
+    if spec in ZERO_PRESETS:
         stage = int(spec[-1])
         zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
         if stage == 3:
             zero.update({"stage3_gather_16bit_weights_on_model_save": True})
-        config = {"zero_optimization": zero}
-    elif isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec):
+        return {"zero_optimization": zero}
+    if isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec):
         with open(spec) as f:
-            config = json.load(f)
-    else:
-        raise ValueError(f"deepspeed must be one of {ZERO_PRESETS}, a path to a DeepSpeed JSON file or a dict; got {spec!r}")
+            return json.load(f)
+    raise ValueError(f"deepspeed must be one of {ZERO_PRESETS}, a path to a DeepSpeed JSON file or a dict; got {spec!r}")
+
+
+def deepspeed_config(spec, *, micro_batch_size: int, accumulation_steps: int, max_grad_norm: float, bf16: bool,
+                     offload_optimizer: bool = False, offload_params: bool = False) -> dict:
+    """The DeepSpeed config of the model being trained, from a preset ("zero2" / "zero3"), a JSON path or a dict.
+
+    Batch sizes, gradient accumulation, clipping and bf16 (the model's dtype) always come from the
+    trainer config, so no number is given twice: a user JSON may leave them out or set them to
+    "auto"; a different explicit value is an error naming the key. `optimizer` / `scheduler`
+    sections are errors too (the trainer's own AdamW and schedule are used).
+    """
+    config = read_deepspeed_spec(spec)
+    for section, fields in OWN_SECTIONS.items():
+        if section in config:
+            raise ValueError(f"DeepSpeed config has a {section!r} section, which would be ignored: the trainer hands "
+                             f"DeepSpeed its own AdamW and LR schedule. Remove it and set {fields} in the trainer config")
     _, size = world()
     ours = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -184,7 +223,14 @@ def deepspeed_config(spec, *, micro_batch_size: int, accumulation_steps: int, ma
             raise ValueError(f"DeepSpeed config sets {key}={given!r} but the trainer config implies {value!r}; "
                              f"remove it from the DeepSpeed config or set it to \"auto\"")
         config[key] = value
-    config["bf16"] = {**config.get("bf16", {}), "enabled": bf16}
+    # bf16 follows the dtype the model was loaded in: DeepSpeed's bf16 mode expects bf16 weights (and
+    # keeps fp32 masters), so enabling it for an fp32 model, or disabling it for a bf16 one, is refused.
+    given = (config.get("bf16") or {}).get("enabled", "auto")
+    if given != "auto" and bool(given) != bf16:
+        raise ValueError(f"DeepSpeed config sets bf16.enabled={given!r} but the model is {'' if bf16 else 'not '}loaded "
+                         f"in bfloat16; bf16 follows the model's dtype: load the model with "
+                         f"dtype='{'bfloat16' if given else 'float32'}' or remove bf16.enabled (or set it to \"auto\")")
+    config["bf16"] = {**(config.get("bf16") or {}), "enabled": bf16}
     zero = config.setdefault("zero_optimization", {})
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -196,6 +242,21 @@ def deepspeed_config(spec, *, micro_batch_size: int, accumulation_steps: int, ma
     config.setdefault("zero_force_ds_cpu_optimizer", False)
     config.setdefault("steps_per_print", 10**9)
     return config
+
+
+def reference_deepspeed_config(spec, *, bf16: bool) -> dict:
+    """The DeepSpeed config of the frozen reference model (an inference-only engine under ZeRO-3).
+
+    The reference never steps, so the user's batch sizes, accumulation and clipping describe the
+    policy's update, not it: they are dropped here rather than checked against the placeholder
+    micro-batch of 1 that DeepSpeed needs (which would call a correct config a conflict). Its
+    optimizer offload is dropped too (no optimizer).
+    """
+    config = read_deepspeed_spec(spec)
+    for key in UPDATE_KEYS:
+        config.pop(key, None)
+    config.get("zero_optimization", {}).pop("offload_optimizer", None)
+    return deepspeed_config(config, micro_batch_size=1, accumulation_steps=1, max_grad_norm=0.0, bf16=bf16)
 
 
 def zero_stage(config: dict | None) -> int:

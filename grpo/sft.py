@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import ConfigMixin
-from .distributed import Optimization, all_reduce_sum, is_main_process, shard, world
+from .distributed import Optimization, all_reduce_sum, check_images_on_every_rank, is_main_process, shard, world
 from .rollout import completion_logprobs, encode_prompts
 from .training import (
     JsonlLog, Progress, load_checkpoint, prepare_model, resolve_checkpoint, save_checkpoint, seed_everything,
@@ -109,6 +109,8 @@ class SFTTrainer:
         how many targets were cut to max_completion_length."""
         cfg = self.config
         prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(self.device)
+        if self.opt.zero_stage == 3:  # a process without images would skip the tower's collective forward
+            check_images_on_every_rank(prompts.images_per_prompt, row_indices, self.device)
         ids, mask, cut = encode_targets(self.tokenizer, [row["completion"] for row in rows], "<|im_end|>",
                                         cfg.max_completion_length)
         return prompts, ids.to(self.device), mask.to(self.device), cut

@@ -23,7 +23,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .config import ConfigMixin
-from .distributed import Optimization, all_gather_cat, all_gather_objects, all_reduce_sum, is_main_process, shard, world
+from .distributed import (
+    Optimization, all_gather_cat, all_gather_objects, all_reduce_sum, check_images_on_every_rank, is_main_process, shard,
+    world,
+)
 from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
 from .rollout import (
     PromptBatch, encode_prompts, forbidden_token_ids, generate, group_logprobs, vision_towers_equal, with_image_features,
@@ -284,6 +287,8 @@ class Trainer:
     def rollout(self, rows: list[dict], row_indices: list[int], generator: torch.Generator) -> Rollout:
         cfg = self.config
         prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(self.device)
+        if self.opt.zero_stage == 3:  # a process without images would skip the tower's collective forward
+            check_images_on_every_rank(prompts.images_per_prompt, row_indices, self.device)
         self.opt.train(False)
         if cfg.shared_prefix:
             prompts = with_image_features(self.model, prompts)  # vision once, for the rollout and every pass

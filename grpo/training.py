@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .distributed import (
-    barrier, deepspeed_config, default_device, init_distributed, is_main_process, launched_distributed, world, zero_stage,
+    barrier, default_device, init_distributed, is_main_process, launched_distributed, reference_deepspeed_config, world,
+    zero_stage,
 )
 
 
@@ -86,12 +87,11 @@ def prepare_reference_model(ref_model, policy, cfg, device):
     ref = load_model(ref_model, cfg.dtype) if ref_model is not None else copy.deepcopy(policy)
     ref.eval().requires_grad_(False)
     if cfg.deepspeed:
-        ds = deepspeed_config(cfg.deepspeed, micro_batch_size=1, accumulation_steps=1, max_grad_norm=cfg.max_grad_norm,
-                              bf16=next(ref.parameters()).dtype == torch.bfloat16)
+        # Inference only: the policy's batch sizes, accumulation and clipping are not checked here.
+        ds = reference_deepspeed_config(cfg.deepspeed, bf16=next(ref.parameters()).dtype == torch.bfloat16)
         if zero_stage(ds) == 3:
             import deepspeed
 
-            ds["zero_optimization"].pop("offload_optimizer", None)
             engine, *_ = deepspeed.initialize(model=ref, config=ds)
             engine.eval()
             return engine

@@ -4,8 +4,12 @@
 
 Scenarios:
   update   a fixed rollout (the same one the test builds on one process) -> one Trainer.update and
-           the step's metrics; rank 0 writes loss, grad_norm, metrics and the updated weights.
+           the step's metrics; rank 0 writes loss, grad_norm, metrics, every parameter's full
+           gradient before the optimizer step, and the updated weights. Under ZeRO-3 the DeepSpeed
+           config also spells out the batch sizes and clipping our config implies, as a user's may.
   uneven   ZeRO-3 generation where one process finishes at once and the other decodes to the limit.
+  images   under ZeRO-3, prompts with images on one process and without on the other are refused
+           on both (the vision tower's collective forward would hang).
   resume   a 3-step GRPO run saving every step, then a run resumed from checkpoint-1; rank 0 writes
            both runs' metrics. Also SFT: 2 steps, checkpoint, resume.
 """
@@ -22,7 +26,9 @@ import torch  # noqa: E402
 
 from data import make_toy_dataset, sft_target, to_prompt_rows  # noqa: E402
 from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer  # noqa: E402
-from grpo.distributed import is_main_process, world  # noqa: E402
+from grpo.distributed import (  # noqa: E402
+    all_gather_objects, check_images_on_every_rank, init_distributed, is_main_process, world,
+)
 from grpo.rollout import generate  # noqa: E402
 from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
 from grpo.trainer import Rollout  # noqa: E402
@@ -30,6 +36,7 @@ from grpo.trainer import Rollout  # noqa: E402
 PROMPTS = 4  # over all processes
 GROUP = 2
 LENGTH = 6
+MICRO = 2  # completions per micro-batch
 
 
 def tiny():
@@ -58,16 +65,25 @@ def fixed_rollout(processor, rows, vocab_size: int, first: int, count: int):
     return batch, rewards[local]
 
 
-def deepspeed_setting(zero: str | None):
+def deepspeed_setting(zero: str | None, explicit_batch: bool = False):
     """zero3 with a persistence threshold of 0, so even the tiny model's parameters are really sharded
-    (and every forward gathers them collectively, which is what makes uneven decoding hang)."""
-    if zero == "zero3":
-        return {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    return zero
+    (and every forward gathers them collectively, which is what makes uneven decoding hang).
+
+    `explicit_batch`: also write out the GRPO update's batch sizes and clipping, the values our config
+    implies; the policy's config and the reference's (which never steps) must both accept them.
+    """
+    if zero != "zero3":
+        return zero
+    setting = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    if explicit_batch:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        setting.update(train_micro_batch_size_per_gpu=MICRO, gradient_accumulation_steps=PROMPTS // size * GROUP // MICRO,
+                       train_batch_size=PROMPTS * GROUP, gradient_clipping=GRPOConfig.max_grad_norm)
+    return setting
 
 
 def config(out_dir, zero, **overrides):
-    settings = dict(output_dir=out_dir, group_size=GROUP, prompts_per_step=PROMPTS, completions_per_micro_batch=2,
+    settings = dict(output_dir=out_dir, group_size=GROUP, prompts_per_step=PROMPTS, completions_per_micro_batch=MICRO,
                     max_completion_length=LENGTH, learning_rate=1e-2, max_steps=1, save_steps=0, seed=0, beta=0.04,
                     deepspeed=deepspeed_setting(zero), log_completions=0)
     settings.update(overrides)
@@ -81,11 +97,37 @@ def full_state(trainer) -> dict:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
+def full_gradients(opt) -> dict:
+    """Each trainable parameter's whole gradient as the optimizer will see it (averaged over processes,
+    before clipping). Under DeepSpeed the gradient is partitioned and `safe_get_full_grad` gathers it:
+    collective, valid between the last backward and the step."""
+    if opt.engine is None:
+        return {name: p.grad.detach().clone() for name, p in opt.model.named_parameters() if p.requires_grad}
+    from deepspeed.utils import safe_get_full_grad
+
+    return {name: safe_get_full_grad(p).detach().float().cpu().clone()
+            for name, p in opt.model.named_parameters() if p.requires_grad}
+
+
+def record_gradients_before_step(opt) -> dict:
+    """A dict that `opt.step()` fills with `full_gradients` just before it updates the weights."""
+    gradients, step = {}, opt.step
+
+    def step_after_recording():
+        gradients.update(full_gradients(opt))
+        return step()
+
+    opt.step = step_after_recording
+    return gradients
+
+
 def run_update(zero, out_dir, loss_type, scale_rewards):
-    """One update from the fixed rollout; returns (stats, metrics, weights)."""
+    """One update from the fixed rollout; returns (stats, metrics, gradients, weights)."""
     model, processor, rows = tiny()
     trainer = Trainer(model, processor, [lambda prompts, completions, **c: [0.0] * len(completions)], rows,
-                      config(out_dir, zero, loss_type=loss_type, scale_rewards=scale_rewards))
+                      config(out_dir, zero, loss_type=loss_type, scale_rewards=scale_rewards,
+                             deepspeed=deepspeed_setting(zero, explicit_batch=True)))
+    gradients = record_gradients_before_step(trainer.opt)
     rank, size = world()  # the trainer joined the process group
     per_rank = PROMPTS // size
     batch, rewards = fixed_rollout(processor, rows, len(processor.tokenizer), rank * per_rank, per_rank)
@@ -95,7 +137,7 @@ def run_update(zero, out_dir, loss_type, scale_rewards):
     stats = trainer.update(batch, advantages)
     trainer.step = 1
     metrics = trainer._metrics(batch, rewards, rewards[None], stats, step_time=1.0)
-    return stats, metrics, full_state(trainer)
+    return stats, metrics, gradients, full_state(trainer)
 
 
 def main():
@@ -110,8 +152,9 @@ def run_scenario(scenario, zero, out_dir):
     results = {}
     if scenario == "update":
         for loss_type, scale in (("grpo", "group"), ("dapo", "batch")):
-            stats, metrics, weights = run_update(zero, out_dir, loss_type, scale)
+            stats, metrics, gradients, weights = run_update(zero, out_dir, loss_type, scale)
             if is_main_process():
+                torch.save(gradients, os.path.join(out_dir, f"gradients_{loss_type}.pt"))
                 torch.save(weights, os.path.join(out_dir, f"weights_{loss_type}.pt"))
             results[loss_type] = {"stats": stats, "metrics": metrics}
     elif scenario == "uneven":
@@ -131,6 +174,17 @@ def run_scenario(scenario, zero, out_dir):
         gathered = [None] * world()[1]
         torch.distributed.all_gather_object(gathered, results)
         results = {"per_rank": gathered}
+    elif scenario == "images":
+        init_distributed(use_deepspeed=False)  # no trainer here to join the process group
+        rank, _ = world()
+        rows = [2 * rank, 2 * rank + 1]
+        check_images_on_every_rank([1, 2], rows, torch.device("cpu"))  # every prompt has images: accepted
+        try:
+            check_images_on_every_rank([1, 1] if rank == 0 else [0, 0], rows, torch.device("cpu"))
+            message = None
+        except ValueError as error:
+            message = str(error)
+        results = {"per_rank": all_gather_objects(message)}
     elif scenario == "resume":
         model, processor, rows = tiny()
 

@@ -1,8 +1,10 @@
 """Scale-out on DeepSpeed, on this CPU: 2 processes (torchrun, gloo, DS_ACCELERATOR=cpu).
 
 What a user relies on: 2 processes x P prompts make exactly the update 1 process x 2P prompts
-makes (loss, grad norm, weights, logged metrics) under ZeRO-2 and ZeRO-3; ZeRO-3 generation does not
-hang when processes finish decoding at different steps; a ZeRO-3 run resumes exactly.
+makes (loss, grad norm, every parameter's gradient, weights, logged metrics) under ZeRO-2 and
+ZeRO-3; ZeRO-3 generation does not hang when processes finish decoding at different steps; ZeRO-3
+refuses (rather than hangs on) prompts with images on one process and none on another; a ZeRO-3 run
+resumes exactly.
 Each test launches tests/distributed_worker.py; see its docstring for the scenarios.
 """
 
@@ -46,7 +48,7 @@ def single_process(tmp_path_factory):
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single_process, tmp_path):
-    scenarios = "update,uneven" if zero == "zero3" else "update"
+    scenarios = "update,uneven,images" if zero == "zero3" else "update"
     launch(scenarios, zero, tmp_path)
     one = json.loads((single_process / "update.json").read_text())
     two = json.loads((tmp_path / "update.json").read_text())
@@ -55,6 +57,14 @@ def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single
         assert b["stats"]["loss"] == pytest.approx(a["stats"]["loss"], rel=1e-4, abs=1e-6), loss_type
         assert b["stats"]["grad_norm"] == pytest.approx(a["stats"]["grad_norm"], rel=1e-4), loss_type
         assert a["stats"]["grad_norm"] > 0.1  # a real update, not a vacuous match
+        # The gradient itself, parameter by parameter (with lr=1e-2 Adam the updated weights mostly
+        # reflect the gradient's signs): the average over processes is the whole batch's gradient.
+        grads_one = torch.load(single_process / f"gradients_{loss_type}.pt")
+        grads_two = torch.load(tmp_path / f"gradients_{loss_type}.pt")
+        assert grads_two.keys() == grads_one.keys() and len(grads_one) > 10
+        scale = max(float(g.abs().max()) for g in grads_one.values())
+        for name, grad in grads_one.items():
+            torch.testing.assert_close(grads_two[name], grad, rtol=1e-4, atol=1e-6 * scale, msg=f"{loss_type} {name}")
         # Every logged number of the step is the whole batch's, not one process's.
         for key, value in a["metrics"].items():
             if key not in VOLATILE:
@@ -68,6 +78,8 @@ def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single
         # One process finished after a token, the other decoded all 12: both came back.
         uneven = json.loads((tmp_path / "uneven.json").read_text())["per_rank"]
         assert [r["lengths"] for r in uneven] == [[1, 1], [12, 12]]
+        refusals = json.loads((tmp_path / "images.json").read_text())["per_rank"]
+        assert all(message and "ZeRO-3" in message and "2 of the 4 prompts" in message for message in refusals), refusals
 
 
 def test_zero3_run_resumes_exactly_and_saves_plain_transformers_checkpoints(tmp_path):

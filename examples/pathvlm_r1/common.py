@@ -35,6 +35,8 @@ def parse_args(description: str, argv=None, **extra):
                         help="override a config value; the value is read as YAML (1e-6, true, null, [a, b])")
     for flag, options in extra.items():
         parser.add_argument(flag, **options)
+    # The `deepspeed` launcher appends --local_rank=N; the trainers read LOCAL_RANK from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -72,15 +74,21 @@ def resolve_model(path: str) -> str:
     return found[-1]
 
 
-def load_policy(path: str, dtype: str):
-    """Model (on the GPU when there is one) and processor from a hub name, a model directory or a run."""
+def load_policy(path: str, dtype: str, device=None):
+    """Model and processor from a hub name, a model directory or a run.
+
+    The model stays on the CPU unless `device` is given: the trainers (or DeepSpeed) put it on each
+    process's own GPU, whereas a move here would put every process's copy on GPU 0. A script that
+    runs the model itself (evaluation) passes `grpo.distributed.default_device()`.
+    """
     import torch
 
     resolved = resolve_model(path)
     print(f"model: {resolved}")
     model = load_model(resolved, dtype)
+    if device is not None:
+        model = model.to(device)
     if torch.cuda.is_available():
-        model = model.to("cuda")
         # fp32 weights keep the small AdamW updates; TF32 matmuls make their compute several times faster.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -27,6 +27,7 @@ from common import load_config, load_part, load_policy, parse_args  # noqa: E402
 
 from data import load_omnimedvqa, to_prompt_rows  # noqa: E402
 from grpo import evaluate  # noqa: E402
+from grpo.distributed import default_device  # noqa: E402
 from grpo.config import check_keys, unknown_key_error  # noqa: E402
 from rewards import accuracy_reward, format_reward  # noqa: E402
 
@@ -88,7 +89,7 @@ def evaluate_model(name: str, path: str, datasets: dict, config: dict) -> None:
     if not todo:
         print(f"[{name}] every dataset already evaluated ({', '.join(datasets)}); not loading the model")
         return
-    model, processor = load_policy(path, config["dtype"])
+    model, processor = load_policy(path, config["dtype"], device=default_device())
     for dataset, rows in todo.items():
         out = records[dataset]
         result = evaluate(model, processor, rows, SCORERS, batch_size=config["batch_size"],
