@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import atexit
 import copy
+import datetime
 import json
 import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -65,14 +67,43 @@ def init_distributed(use_deepspeed: bool) -> None:
         dist.init_process_group(backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    # Leaving with the group alive lets gloo's threads die in static destructors, which aborts the
-    # process now and then ("terminate called without an active exception") after all work is done.
-    atexit.register(_destroy_process_group)
+    atexit.register(_leave_process_group)
+    _note_uncaught_exceptions()
 
 
-def _destroy_process_group() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+# How long a process that is done waits at exit for the others (which may still be saving or evaluating).
+EXIT_BARRIER_TIMEOUT_S = 600
+_uncaught_exception = False
+
+
+def _note_uncaught_exceptions() -> None:
+    """Chain sys.excepthook so that the exit handler knows a process is dying of an exception."""
+    previous = sys.excepthook
+
+    def hook(*exc_info):
+        global _uncaught_exception
+        _uncaught_exception = True
+        previous(*exc_info)
+
+    sys.excepthook = hook
+
+
+def _leave_process_group() -> None:
+    """At exit: wait for the other processes, then tear the process group down.
+
+    A process that exits while another still holds its gloo connections aborts now and then
+    ("terminate called without an active exception", exit code -6) after all its work is done, and
+    the launcher then reports the run as failed. So a process that finished normally waits (bounded)
+    for the others first. One dying of an exception does not wait: the launcher stops the others.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if not _uncaught_exception and dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_BARRIER_TIMEOUT_S))
+        except Exception:  # a process that never came: leave anyway
+            pass
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:
