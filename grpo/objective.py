@@ -68,6 +68,7 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    dual_clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO loss with optional k3 KL penalty.
 
@@ -78,14 +79,19 @@ def grpo_loss(
       dr_grpo masked sum / (B * max_completion_length)  (max_completion_length defaults to L)
       dapo    masked sum / num_items_in_batch  (completion tokens of the whole optimizer step;
               defaults to this batch's masked count)
+    `dual_clip` (c > 1, verl's dual-clip, typically 3): a token with A < 0 whose ratio ran past c
+    has its policy term capped at -c*A (no gradient), so one stale token cannot dominate the update.
     With one update per rollout old_logprobs == logprobs.detach(): rho == 1 and the loss value is
     ~0 (or beta*KL), but its gradient is the policy gradient. That is expected.
 
-    Returns (loss, stats) where stats holds `kl` (masked mean of k3; 0 without a reference) and
-    `clip_ratio` (masked fraction of tokens whose clipped branch is active).
+    Returns (loss, stats) where stats holds `kl` (masked mean of k3; 0 without a reference),
+    `clip_ratio` (masked fraction of tokens whose clipped branch is active) and `dual_clip_ratio`
+    (masked fraction capped by the dual clip; 0 when it is off).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (verl uses 3), got {dual_clip}")
     if epsilon_high is None:
         epsilon_high = epsilon_low
     mask = completion_mask.to(logprobs.dtype)  # [B, L]
@@ -94,6 +100,9 @@ def grpo_loss(
     ratio = torch.exp(logprobs - old_logprobs)  # [B, L]
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # [B, L]
+    if dual_clip is not None:
+        dual_capped = (adv < 0) & (ratio > dual_clip)  # [B, L]
+        per_token = torch.where(dual_capped, -dual_clip * adv, per_token)
 
     token_count = mask.sum().clamp(min=1.0)
     if ref_logprobs is not None:
@@ -119,4 +128,6 @@ def grpo_loss(
     with torch.no_grad():
         clipped = ((ratio < 1.0 - epsilon_low) & (adv < 0)) | ((ratio > 1.0 + epsilon_high) & (adv > 0))
         clip_ratio = (clipped.to(mask.dtype) * mask).sum() / token_count
-    return loss, {"kl": mean_kl.detach(), "clip_ratio": clip_ratio}
+        dual_clip_ratio = ((dual_capped.to(mask.dtype) * mask).sum() / token_count if dual_clip is not None
+                           else logprobs.new_zeros(()))
+    return loss, {"kl": mean_kl.detach(), "clip_ratio": clip_ratio, "dual_clip_ratio": dual_clip_ratio}

@@ -59,6 +59,7 @@ class GRPOConfig(ConfigMixin):
     scale_rewards: str = "group"  # group | batch | none
     num_iterations: int = 1  # mu: optimizer updates per rollout batch
     mask_truncated_completions: bool = False  # drop completions without EOS from the loss (DAPO)
+    dual_clip: float | None = None  # verl's dual-clip c (e.g. 3): caps a negative-advantage token's loss at -c*A
     # optimisation
     learning_rate: float = 1e-6
     weight_decay: float = 0.0
@@ -106,6 +107,8 @@ class GRPOConfig(ConfigMixin):
             raise ValueError(f"unknown scale_rewards {self.scale_rewards!r}; valid: {', '.join(SCALE_MODES)}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (verl uses 3) or None, got {self.dual_clip}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}: GRPO samples its G completions "
                              f"(greedy ones would be identical) and divides logits by it")
@@ -346,7 +349,7 @@ class Trainer:
         return advantages[rank * len(rewards) : (rank + 1) * len(rewards)].cpu()
 
     def update(self, batch: Rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """num_iterations optimizer updates over the rollout; returns loss/kl/clip_ratio/grad_norm.
+        """num_iterations optimizer updates over the rollout; returns loss/kl/clip_ratio/dual_clip_ratio/grad_norm.
 
         Micro-batch losses are weighted by their share of the process's completions, and DeepSpeed
         averages the processes: grpo and dr_grpo then equal one loss over the whole step's batch on
@@ -364,7 +367,8 @@ class Trainer:
         n = mask.shape[0]
         step_tokens = all_reduce_sum(mask.sum().to(self.device).float()).clamp(min=1).cpu()  # dapo's num_items_in_batch
         advantages = advantages.to(self.device)
-        totals = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+        averaged = ("kl", "clip_ratio", "dual_clip_ratio")  # grpo_loss's stats, averaged like the loss
+        totals = {"loss": 0.0, "grad_norm": 0.0, **dict.fromkeys(averaged, 0.0)}
         # Cached image features carry no gradient: a trainable vision tower must see the pixels again.
         prompts = batch.prompts if cfg.freeze_vision_tower else batch.prompts.without_features()
         for _ in range(cfg.num_iterations):
@@ -376,18 +380,18 @@ class Trainer:
                     logprobs, old, advantages[index], mask[index].to(self.device), ref_logprobs=ref, beta=cfg.beta,
                     epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                     max_completion_length=cfg.max_completion_length, num_items_in_batch=step_tokens.to(self.device),
+                    dual_clip=cfg.dual_clip,
                 )
                 weight = size if cfg.loss_type == "dapo" else len(index) / n
                 self.opt.backward(loss * weight)
                 totals["loss"] += loss.item() * (1.0 if cfg.loss_type == "dapo" else len(index) / n) / cfg.num_iterations
-                totals["kl"] += float(stats["kl"]) * len(index) / n / cfg.num_iterations
-                totals["clip_ratio"] += float(stats["clip_ratio"]) * len(index) / n / cfg.num_iterations
+                for key in averaged:
+                    totals[key] += float(stats[key]) * len(index) / n / cfg.num_iterations
             totals["grad_norm"] += self.opt.step() / cfg.num_iterations
-        # The step's loss / kl / clip_ratio: dapo's per-process losses add up, the others average.
-        reduced = all_reduce_sum(torch.tensor([totals["loss"], totals["kl"], totals["clip_ratio"]], device=self.device))
-        reduced = reduced.cpu()
-        totals["loss"] = float(reduced[0]) if cfg.loss_type == "dapo" else float(reduced[0]) / size
-        totals["kl"], totals["clip_ratio"] = float(reduced[1]) / size, float(reduced[2]) / size
+        # The step's loss and stats: dapo's per-process losses add up, everything else averages.
+        reduced = all_reduce_sum(torch.tensor([totals["loss"], *(totals[k] for k in averaged)], device=self.device)).tolist()
+        totals["loss"] = reduced[0] if cfg.loss_type == "dapo" else reduced[0] / size
+        totals.update({key: value / size for key, value in zip(averaged, reduced[1:])})
         return totals
 
     # ------------------------------------------------------------------ loop

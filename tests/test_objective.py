@@ -31,8 +31,8 @@ def make_batch(seed=0, lengths=LENGTHS):
 
 
 def reference(logprobs, old, adv, mask, ref=None, beta=0.0, eps_low=0.2, eps_high=None, loss_type="grpo",
-              max_completion_length=None, num_items_in_batch=None):
-    """Returns (loss, d loss / d logprobs as nested lists, kl, clip_ratio, low_clips, high_clips)."""
+              max_completion_length=None, num_items_in_batch=None, dual_clip=None):
+    """Returns (loss, d loss / d logprobs as nested lists, kl, clip_ratio, low_clips, high_clips, dual_clips)."""
     eps_high = eps_low if eps_high is None else eps_high
     x, o, m = logprobs.tolist(), old.tolist(), mask.tolist()
     r_ = ref.tolist() if ref is not None else None
@@ -52,7 +52,7 @@ def reference(logprobs, old, adv, mask, ref=None, beta=0.0, eps_low=0.2, eps_hig
             return 1.0 / (num_items_in_batch if num_items_in_batch is not None else total)
         raise AssertionError(loss_type)
 
-    loss, kl_sum, low, high = 0.0, 0.0, 0, 0
+    loss, kl_sum, low, high, dual = 0.0, 0.0, 0, 0, 0
     grad = [[0.0] * L for _ in range(B)]
     for i in range(B):
         A = a_[i]
@@ -69,6 +69,9 @@ def reference(logprobs, old, adv, mask, ref=None, beta=0.0, eps_low=0.2, eps_hig
             low += is_low
             high += is_high
             dterm = 0.0 if (is_low or is_high) else -A * rho
+            if dual_clip is not None and A < 0 and term > -dual_clip * A:  # the cap binds: flat in logp
+                term, dterm = -dual_clip * A, 0.0
+                dual += 1
             if r_ is not None:
                 d = r_[i][t] - x[i][t]
                 k3 = math.exp(d) - d - 1
@@ -78,7 +81,7 @@ def reference(logprobs, old, adv, mask, ref=None, beta=0.0, eps_low=0.2, eps_hig
                     dterm += beta * (1 - math.exp(d))
             loss += weight(i) * term
             grad[i][t] = weight(i) * dterm
-    return loss, grad, kl_sum / total, (low + high) / total, low, high
+    return loss, grad, kl_sum / total, (low + high) / total, low, high, dual
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -91,7 +94,7 @@ def test_loss_value_gradient_and_stats_match_reference(loss_type, beta, eps_high
     loss, stats = grpo_loss(logprobs, old, adv, mask, ref_logprobs=ref_arg, beta=beta, epsilon_low=0.2,
                             epsilon_high=eps_high, loss_type=loss_type)
     (grad,) = torch.autograd.grad(loss, logprobs)
-    want_loss, want_grad, want_kl, want_clip, low, high = reference(
+    want_loss, want_grad, want_kl, want_clip, low, high, _ = reference(
         logprobs.detach(), old, adv, mask, ref_arg, beta, 0.2, eps_high, loss_type)
     assert low > 0 and high > 0, "the batch must clip in both directions"
     assert loss.dtype == torch.float64
@@ -100,6 +103,26 @@ def test_loss_value_gradient_and_stats_match_reference(loss_type, beta, eps_high
     assert grad[~mask].abs().max().item() == 0.0  # padding never receives gradient
     assert stats["clip_ratio"].item() == pytest.approx(want_clip, rel=1e-12)
     assert stats["kl"].item() == pytest.approx(want_kl if beta > 0 else 0.0, rel=1e-12, abs=0.0)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dual_clip_caps_negative_advantage_tokens_with_runaway_ratios(loss_type):
+    logprobs, old, ref, adv, mask = make_batch()
+    logprobs.requires_grad_(True)
+    loss, stats = grpo_loss(logprobs, old, adv, mask, ref_logprobs=ref, beta=0.04, loss_type=loss_type, dual_clip=3.0)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    want_loss, want_grad, _, want_clip, _, _, dual = reference(logprobs.detach(), old, adv, mask, ref, 0.04,
+                                                               loss_type=loss_type, dual_clip=3.0)
+    total = int(mask.sum())
+    assert dual > 0, "the batch must hold negative-advantage tokens with ratio > 3"
+    assert loss.item() == pytest.approx(want_loss, rel=1e-12, abs=1e-14)
+    torch.testing.assert_close(grad, torch.tensor(want_grad, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    assert stats["dual_clip_ratio"].item() == pytest.approx(dual / total, rel=1e-12)
+    assert stats["clip_ratio"].item() == pytest.approx(want_clip, rel=1e-12)
+    plain, plain_stats = grpo_loss(logprobs.detach(), old, adv, mask, ref_logprobs=ref, beta=0.04, loss_type=loss_type)
+    assert plain.item() > loss.item() and plain_stats["dual_clip_ratio"].item() == 0.0  # the cap only lowers terms
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        grpo_loss(logprobs, old, adv, mask, dual_clip=1.0)
 
 
 def test_asymmetric_clip_changes_what_clips():

@@ -26,7 +26,7 @@ from grpo.trainer import call_reward_functions, combine_rewards
 from rewards import format_reward
 
 METRIC_KEYS = [
-    "step", "loss", "reward", "reward_std", "kl", "clip_ratio", "grad_norm", "lr", "completion_length/mean",
+    "step", "loss", "reward", "reward_std", "kl", "clip_ratio", "dual_clip_ratio", "grad_norm", "lr", "completion_length/mean",
     "completion_length/min", "completion_length/max", "truncated_frac", "frac_reward_zero_std", "step_time",
     "tokens_per_sec",
 ]
@@ -278,6 +278,17 @@ def test_trainer_reward_metrics_skip_none_and_weight_the_sum(tiny_parts, toy_row
         assert record["reward"] == pytest.approx(statistics.mean(2.0 * (v or 0.0) + 1.0 for v in values))
 
 
+def test_dual_clip_reaches_the_loss_when_the_policy_moves_within_a_rollout(tiny_parts, toy_rows, tmp_path):
+    model, processor = tiny_parts
+    # Three updates per rollout at a large learning rate: ratios leave [1/1.05, 1.05] on the later passes.
+    cfg = small_config(tmp_path, max_steps=2, beta=0.0, num_iterations=3, learning_rate=5e-2, dual_clip=1.05)
+    history = Trainer(copy.deepcopy(model), processor, [vowel_fraction], toy_rows[:8], cfg).train()
+    assert max(record["dual_clip_ratio"] for record in history) > 0
+    plain = Trainer(copy.deepcopy(model), processor, [vowel_fraction], toy_rows[:8],
+                    small_config(tmp_path / "plain", max_steps=1, beta=0.0, num_iterations=3, learning_rate=5e-2)).train()
+    assert plain[0]["dual_clip_ratio"] == 0.0
+
+
 class CountingReward:
     """A reward with a `stats()` method, as a judge has: counts completions scored since the last call."""
 
@@ -359,6 +370,8 @@ def test_sampling_settings_are_checked():
         GRPOConfig(temperature=0.0)
     with pytest.raises(ValueError, match=r"top_p=1.5"):
         GRPOConfig(top_p=1.5)
+    with pytest.raises(ValueError, match=r"dual_clip must be > 1.*got 0.5"):
+        GRPOConfig(dual_clip=0.5)
 
 
 # ---------------------------------------------------------------- SFT
