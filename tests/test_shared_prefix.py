@@ -175,7 +175,7 @@ def test_trainer_steps_equal_with_and_without_shared_prefix(model64, tiny_parts,
     # tiny (it divides by its own size), so an element-wise check would mostly measure that rounding;
     # a wrong gradient is off by O(1) in relative norm.
     for name, value in plain_params.items():
-        start = model64.get_parameter(name)
+        start = model64.get_parameter(name).detach()
         ours, theirs = shared_params[name] - start, value - start
         assert float((ours - theirs).norm()) <= 1e-2 * float(theirs.norm()) + 1e-12, name
     vision = [name for name in plain_params if "visual" in name]
