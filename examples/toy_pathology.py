@@ -40,6 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=["all", "sft", "grpo"], default="all",
                         help="all: the staged demo; sft / grpo: that stage alone from --init (default: a fresh tiny model)")
     parser.add_argument("--init", default=None, help="checkpoint directory to start a single stage from")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="a single stage may replace an earlier run in --output-dir (the staged demo always replaces its own)")
     parser.add_argument("--deepspeed", default=None, help="zero2 | zero3 | a DeepSpeed JSON (single stages, under torchrun)")
     parser.add_argument("--max-steps", type=int, default=None, help="override the stage's step count")
     parser.add_argument("--seed", type=int, default=0)
@@ -96,7 +98,7 @@ def sft_config(args, output_dir: str, steps: int) -> SFTConfig:
     return SFTConfig(output_dir=output_dir, batch_size=16, micro_batch_size=8 if args.deepspeed else 16,
                      learning_rate=args.sft_lr, max_steps=steps, warmup_steps=5, lr_scheduler="cosine",
                      freeze_vision_tower=False, seed=args.seed, save_steps=0, deepspeed=args.deepspeed,
-                     overwrite_output_dir=True)  # a demo run replaces the previous demo's output
+                     overwrite_output_dir=args.stage == "all" or args.overwrite)
 
 
 def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0) -> GRPOConfig:
@@ -107,7 +109,7 @@ def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0) -> GRPOC
                       completions_per_micro_batch=16 if args.deepspeed else 4 * args.prompts_per_step,
                       max_completion_length=args.max_completion_length, learning_rate=args.grpo_lr, beta=0.04,
                       max_steps=steps, seed=args.seed, save_steps=0, eval_steps=eval_steps, eval_batch_size=100,
-                      deepspeed=args.deepspeed, overwrite_output_dir=True)
+                      deepspeed=args.deepspeed, overwrite_output_dir=args.stage == "all" or args.overwrite)
 
 
 def stage_result(result: dict) -> dict:

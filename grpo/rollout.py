@@ -123,10 +123,13 @@ class PromptBatch:
 
 
 def _image_parts(messages) -> int:
-    """How many `{"type": "image"}` parts chat messages hold (each needs one image from the row)."""
+    """How many image parts chat messages hold (each needs one image from the row): the parts the
+    Qwen-VL chat templates render as an image, `{"type": "image"}`, `"image_url"`, or any part with
+    an `image` / `image_url` key."""
     return sum(
         1 for message in messages if isinstance(message.get("content"), list)
-        for part in message["content"] if isinstance(part, dict) and part.get("type") == "image"
+        for part in message["content"]
+        if isinstance(part, dict) and (part.get("type") in ("image", "image_url") or "image" in part or "image_url" in part)
     )
 
 

@@ -125,7 +125,7 @@ class SFTTrainer:
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume:
             self.step = load_checkpoint(resume, self.opt)["step"]
-        start_output_dir(cfg.output_dir, resume, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
+        start_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         main = is_main_process()
         log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), self.step if resume else None) if main else None
         progress = Progress(cfg.max_steps, self.step, "sft") if main else None
@@ -139,8 +139,8 @@ class SFTTrainer:
             # the target token count is known before any forward, so each backward is weighted now.
             micro_batches = [self.encode(rows[i : i + cfg.micro_batch_size], indices[i : i + cfg.micro_batch_size])
                              for i in range(0, len(rows), cfg.micro_batch_size)]
-            local = torch.stack([sum(mask.sum() for _, _, mask, _ in micro_batches).float(),
-                                 torch.tensor(float(sum(cut for *_, cut in micro_batches)))]).to(self.device)
+            local = torch.tensor([float(sum(int(mask.sum()) for _, _, mask, _ in micro_batches)),
+                                  float(sum(cut for *_, cut in micro_batches))], device=self.device)
             tokens, cut = all_reduce_sum(local).tolist()  # target tokens and cut targets of the whole step
             nll_total = 0.0
             for prompts, ids, mask, _ in micro_batches:

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import copy
 import inspect
+import numbers as numbers_
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -181,11 +182,11 @@ def reward_stats(funcs) -> dict:
             local.update({f"{reward_name(func)}/{key}": value for key, value in func.stats().items()})
     merged = {}
     for key, values in _by_key(all_gather_objects(local)).items():
-        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if numbers and all(isinstance(v, int) for v in numbers):
-            merged[key] = sum(numbers)
+        numbers = [v for v in values if isinstance(v, numbers_.Real) and not isinstance(v, bool)]
+        if numbers and all(isinstance(v, numbers_.Integral) for v in numbers):
+            merged[key] = int(sum(numbers))
         elif numbers:
-            merged[key] = sum(numbers) / len(numbers)
+            merged[key] = float(sum(numbers)) / len(numbers)
         else:
             merged[key] = next((v for v in values if v is not None), None)
     return merged
@@ -400,7 +401,7 @@ class Trainer:
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume:
             self.step = load_checkpoint(resume, self.opt)["step"]
-        start_output_dir(cfg.output_dir, resume, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
+        start_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         main = is_main_process()
         start = self.step if resume else None
         metrics_log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), start) if main else None

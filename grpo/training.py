@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .distributed import (
-    barrier, default_device, init_distributed, is_main_process, launched_distributed, reference_deepspeed_config, world,
-    zero_stage,
+    all_gather_objects, barrier, default_device, init_distributed, is_main_process, launched_distributed,
+    reference_deepspeed_config, world, zero_stage,
 )
 
 
@@ -98,23 +98,39 @@ def prepare_reference_model(ref_model, policy, cfg, device):
     return ref.to(device)
 
 
-def start_output_dir(output_dir: str, resume: str | None, resume_from_checkpoint, overwrite: bool) -> None:
-    """Make `output_dir` ready for a run; a fresh run never silently replaces an earlier run's results.
+def check_output_dir(output_dir: str, resume_from_checkpoint, overwrite: bool) -> None:
+    """Refuse to start a fresh run where an earlier run's results are (checkpoints, metrics).
 
-    Resuming (or `resume_from_checkpoint="latest"` finding no checkpoint yet: a run that stopped
-    before its first save is simply started again) keeps what is there. Otherwise a directory that
-    already holds checkpoints or metrics is an error, unless `overwrite` is set: then its
-    checkpoints are removed, so that `save_total_limit` and "latest" never pick a stale one.
+    Resuming keeps what is there (`resume_from_checkpoint="latest"` finding no checkpoint yet
+    starts again a run that stopped before its first save); `overwrite` allows replacing it.
+    Scripts may call this before they write anything into `output_dir`.
     """
+    if resume_from_checkpoint or overwrite:
+        return
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    found = list_checkpoints(output_dir) + ([metrics] if os.path.isfile(metrics) and os.path.getsize(metrics) else [])
+    if found:
+        raise ValueError(
+            f"output_dir {output_dir} already holds a run ({', '.join(os.path.basename(f) for f in found)}); "
+            f"resume it (resume_from_checkpoint='latest'), choose another output_dir, or set overwrite_output_dir=True")
+
+
+def start_output_dir(output_dir: str, resume_from_checkpoint, overwrite: bool) -> None:
+    """Make `output_dir` ready for a run (`check_output_dir`, decided by process 0 and raised on every
+    process). A fresh run that may overwrite removes the old checkpoints, so that
+    `save_total_limit` and "latest" never pick a stale one."""
+    verdict = None
+    if is_main_process():
+        try:
+            check_output_dir(output_dir, resume_from_checkpoint, overwrite)
+        except ValueError as error:
+            verdict = str(error)
+    verdict = all_gather_objects(verdict)[0]
+    if verdict:
+        raise ValueError(verdict)
     if is_main_process():
         os.makedirs(output_dir, exist_ok=True)
-        if resume is None and resume_from_checkpoint != "latest":
-            metrics = os.path.join(output_dir, "metrics.jsonl")
-            found = list_checkpoints(output_dir) + ([metrics] if os.path.isfile(metrics) and os.path.getsize(metrics) else [])
-            if found and not overwrite:
-                raise ValueError(
-                    f"output_dir {output_dir} already holds a run ({', '.join(os.path.basename(f) for f in found)}); "
-                    f"resume it (resume_from_checkpoint='latest'), choose another output_dir, or set overwrite_output_dir=True")
+        if overwrite and not resume_from_checkpoint:
             for old in list_checkpoints(output_dir):
                 shutil.rmtree(old)
     barrier()

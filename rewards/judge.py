@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -501,11 +502,18 @@ class JudgeReward:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             # A name of its own: threads of one process share a pid, so a pid-named file would collide.
             fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path))
+        except OSError as error:
+            logger.warning("judge: cannot write the cache (%s); continuing without it", error)
+            return
+        try:
             with os.fdopen(fd, "w") as f:
                 json.dump({"integrity_score": scores[0], "knowledge_score": scores[1]}, f)
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache_dir shared between users must stay readable
             os.replace(tmp, path)  # atomic: a reader never sees half a file
         except OSError as error:
             logger.warning("judge: cannot write the cache (%s); continuing without it", error)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     # ------------------------------------------------------------------ accounting
     def _reset_counters(self) -> None:

@@ -10,6 +10,8 @@ Scenarios:
   uneven   ZeRO-3 generation where one process finishes at once and the other decodes to the limit.
   images   under ZeRO-3, prompts with images on one process and without on the other are refused
            on both (the vision tower's collective forward would hang).
+  stats    reward-side statistics (a judge's counters) merged over processes: counts summed,
+           other numbers averaged over the processes that report them.
   resume   a 3-step GRPO run saving every step, then a run resumed from checkpoint-1; rank 0 writes
            both runs' metrics. Also SFT: 2 steps, checkpoint, resume.
 """
@@ -31,7 +33,7 @@ from grpo.distributed import (  # noqa: E402
 )
 from grpo.rollout import generate  # noqa: E402
 from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
-from grpo.trainer import Rollout  # noqa: E402
+from grpo.trainer import Rollout, reward_stats  # noqa: E402
 
 PROMPTS = 4  # over all processes
 GROUP = 2
@@ -185,6 +187,17 @@ def run_scenario(scenario, zero, out_dir):
         except ValueError as error:
             message = str(error)
         results = {"per_rank": all_gather_objects(message)}
+    elif scenario == "stats":
+        init_distributed(use_deepspeed=False)  # no trainer here to join the process group
+        rank, _ = world()
+
+        class Counter:
+            __name__ = "counter"
+
+            def stats(self):  # different on each process: counts add up, other numbers average
+                return {"requests": rank + 1, "latency_p50": 0.1 * (rank + 1), "integrity_mean": None if rank else 0.5}
+
+        results = reward_stats([Counter()])
     elif scenario == "resume":
         model, processor, rows = tiny()
 

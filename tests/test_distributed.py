@@ -48,7 +48,7 @@ def single_process(tmp_path_factory):
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single_process, tmp_path):
-    scenarios = "update,uneven,images" if zero == "zero3" else "update"
+    scenarios = "update,uneven,images" if zero == "zero3" else "update,stats"
     launch(scenarios, zero, tmp_path)
     one = json.loads((single_process / "update.json").read_text())
     two = json.loads((tmp_path / "update.json").read_text())
@@ -80,6 +80,10 @@ def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single
         assert [r["lengths"] for r in uneven] == [[1, 1], [12, 12]]
         refusals = json.loads((tmp_path / "images.json").read_text())["per_rank"]
         assert all(message and "ZeRO-3" in message and "2 of the 4 prompts" in message for message in refusals), refusals
+    else:
+        # A judge's counters from both processes: requests 1 + 2, latency the mean, a mean only rank 0 has.
+        merged = json.loads((tmp_path / "stats.json").read_text())
+        assert merged == {"counter/requests": 3, "counter/latency_p50": pytest.approx(0.15), "counter/integrity_mean": 0.5}
 
 
 def test_zero3_run_resumes_exactly_and_saves_plain_transformers_checkpoints(tmp_path):

@@ -137,6 +137,11 @@ def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(work
                 assert not same_weights(checkpoint_weights(expected_init), weights(trainer.model))
             run_config = load_yaml(os.path.join(output_dir, "run_config.yaml"))
             assert run_config[kind]["max_steps"] == 2 and run_config["data"]["part"] == ("sft" if stage == "alpha" else "rl")
+            if stage == "alpha" and size == "7b":
+                # Running a finished stage again is refused before anything is loaded or written.
+                with pytest.raises(ValueError, match="already holds a run"):
+                    sft.main(["--config", config_path, *[f"--set={o}" for o in overrides], "--set=sft.max_steps=5"])
+                assert load_yaml(os.path.join(output_dir, "run_config.yaml")) == run_config
 
     evaluate = script("evaluate")
     eval_args = ["--config", os.path.join(CONFIGS, "eval.yaml"), "--set", f"models.base-7B={tiny}",

@@ -13,6 +13,7 @@ import shutil
 import statistics
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -303,7 +304,7 @@ class CountingReward:
 
     def stats(self):
         scored, self.scored = self.scored, 0
-        return {"scored": scored, "label": "toy"}
+        return {"scored": np.int64(scored), "latency": 0.25, "label": "toy"}  # numpy counts, as many servers' clients give
 
 
 def test_reward_stats_are_logged_per_step_and_evaluation_traffic_apart(tiny_parts, toy_rows, tmp_path):
@@ -314,7 +315,7 @@ def test_reward_stats_are_logged_per_step_and_evaluation_traffic_apart(tiny_part
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["counter/scored"] for r in records] == [4, 4]  # 2 prompts x G = 2 per step, never the eval's
     assert [r["eval/counter/scored"] for r in records] == [3, 3]  # each evaluation: the 3 eval rows
-    assert records[0]["counter/label"] == "toy"
+    assert records[0]["counter/label"] == "toy" and records[0]["counter/latency"] == 0.25
 
 
 # ---------------------------------------------------------------- bad input
@@ -363,6 +364,21 @@ def test_a_prompt_whose_image_is_absent_is_named(tiny_parts, toy_rows, field, va
     rows[1][field] = value
     with pytest.raises(ValueError, match=r"row 11\b.*1 image part.*'image'.*gives 0"):
         encode_prompts(processor, rows, [10, 11, 12], max_prompt_length=1024)
+
+
+def test_every_kind_of_image_part_the_chat_template_renders_needs_an_image(tiny_parts, toy_rows):
+    _, processor = tiny_parts
+    row = dict(toy_rows[0])
+    text = {"type": "text", "text": "What stain is this?"}
+    for part in ({"type": "image_url", "image_url": {"url": "tile.png"}}, {"image": "tile.png"}):
+        row["prompt"] = [{"role": "user", "content": [part, text]}]
+        row["image"] = None
+        with pytest.raises(ValueError, match=r"row 0\b.*1 image part.*gives 0"):
+            encode_prompts(processor, [row], [0], max_prompt_length=1024)
+        row["prompt"] = [{"role": "user", "content": [text]}]
+        row["image"] = toy_rows[0]["image"]
+        with pytest.raises(ValueError, match=r"row 0\b.*0 image part.*gives 1"):
+            encode_prompts(processor, [row], [0], max_prompt_length=1024)
 
 
 def test_sampling_settings_are_checked():

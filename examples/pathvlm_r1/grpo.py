@@ -19,6 +19,7 @@ from common import load_config, load_part, load_policy, parse_args, save_run_con
 
 from grpo import GRPOConfig, Trainer  # noqa: E402
 from grpo.config import unknown_key_error  # noqa: E402
+from grpo.training import check_output_dir  # noqa: E402
 from rewards import accuracy_reward, format_reward  # noqa: E402
 
 REWARDS = {"format": format_reward, "accuracy": accuracy_reward}
@@ -63,6 +64,8 @@ def main(argv=None):
     grpo_config = GRPOConfig.from_dict(config["grpo"] or {}, source=f"{args.config} [grpo]")
     reward_funcs, weights = build_rewards(config, args.config)
     rows = load_part(config["data"], args.config)
+    # Before loading the model or writing run_config.yaml: an earlier run there is never half-replaced.
+    check_output_dir(grpo_config.output_dir, grpo_config.resume_from_checkpoint, grpo_config.overwrite_output_dir)
     model, processor = load_policy(config["model"], grpo_config.dtype)
     save_run_config(config, grpo_config.output_dir)
     trainer = Trainer(model, processor, reward_funcs, rows, grpo_config, reward_weights=weights)

@@ -17,6 +17,7 @@ from common import load_config, load_part, load_policy, parse_args, save_run_con
 
 from data import sft_target  # noqa: E402
 from grpo import SFTConfig, SFTTrainer  # noqa: E402
+from grpo.training import check_output_dir  # noqa: E402
 
 SECTIONS = {"model": None, "data": None, "sft": None}
 
@@ -28,6 +29,8 @@ def main(argv=None):
     rows = load_part(config["data"], args.config)
     for row in rows:
         row["completion"] = sft_target(row)  # PathMMU's explanation is the reasoning to imitate
+    # Before loading the model or writing run_config.yaml: an earlier run there is never half-replaced.
+    check_output_dir(sft_config.output_dir, sft_config.resume_from_checkpoint, sft_config.overwrite_output_dir)
     model, processor = load_policy(config["model"], sft_config.dtype)
     save_run_config(config, sft_config.output_dir)
     trainer = SFTTrainer(model, processor, rows, sft_config)
