@@ -210,6 +210,7 @@ def run_stages(args, model, processor, sft_rows, rl_rows, test_rows, judge, t_st
     stages["sft"] = run_eval("sft", model)
 
     # Stage 2 (Beta): GRPO from the SFT model with format + accuracy rewards.
+    judge.stats()  # its evaluations' counters start from zero: the standalone evaluations above are not this stage's
     grpo = Trainer(copy.deepcopy(model), processor, [format_reward, accuracy_reward], rl_rows,
                    grpo_config(args, os.path.join(out, "grpo"), args.grpo_steps, eval_steps=max(1, args.grpo_steps // 5)),
                    eval_dataset=test_rows[:100], eval_reward_funcs=scorers)
