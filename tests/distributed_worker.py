@@ -10,6 +10,8 @@ Scenarios:
   uneven   ZeRO-3 generation where one process finishes at once and the other decodes to the limit.
   images   under ZeRO-3, prompts with images on one process and without on the other are refused
            on both (the vision tower's collective forward would hang).
+  sft      one SFT step on PROMPTS rows (ragged targets, one row per micro-batch); rank 0 writes
+           loss, grad_norm, token count, every parameter's gradient and the updated weights.
   stats    reward-side statistics (a judge's counters) merged over processes: counts summed,
            other numbers averaged over the processes that report them.
   resume   a 3-step GRPO run saving every step, then a run resumed from checkpoint-1; rank 0 writes
@@ -187,6 +189,21 @@ def run_scenario(scenario, zero, out_dir):
         except ValueError as error:
             message = str(error)
         results = {"per_rank": all_gather_objects(message)}
+    elif scenario == "sft":
+        model, processor, rows = tiny()
+        for row in rows:
+            row["completion"] = sft_target(row)  # 48 to 61 tokens, two cut at 58: the token mean must span processes
+        trainer = SFTTrainer(model, processor, rows, SFTConfig(
+            output_dir=os.path.join(out_dir, "sft"), batch_size=PROMPTS, micro_batch_size=1, max_steps=1,
+            learning_rate=1e-2, max_completion_length=58, freeze_vision_tower=False, deepspeed=deepspeed_setting(zero)))
+        gradients = record_gradients_before_step(trainer.opt)
+        (record,) = trainer.train()
+        results = {"loss": record["loss"], "grad_norm": record["grad_norm"], "tokens": record["tokens"],
+                   "truncated_frac": record["truncated_frac"]}
+        weights = full_state(trainer)
+        if is_main_process():
+            torch.save(gradients, os.path.join(out_dir, "gradients_sft.pt"))
+            torch.save(weights, os.path.join(out_dir, "weights_sft.pt"))
     elif scenario == "stats":
         init_distributed(use_deepspeed=False)  # no trainer here to join the process group
         rank, _ = world()

@@ -42,13 +42,27 @@ def launch(scenarios: str, zero: str, out_dir, processes: int = 2, timeout: int 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    launch("update", "none", out, processes=1)
+    launch("update,sft", "none", out, processes=1)
     return out
+
+
+def assert_same_update(one_dir, two_dir, tag: str) -> None:
+    """Every parameter's gradient, then its updated value, equal between the two runs. The gradient
+    is checked itself because with lr=1e-2 Adam the updated weights mostly reflect its signs."""
+    grads_one, grads_two = (torch.load(d / f"gradients_{tag}.pt") for d in (one_dir, two_dir))
+    assert grads_two.keys() == grads_one.keys() and len(grads_one) > 10
+    scale = max(float(g.abs().max()) for g in grads_one.values())
+    for name, grad in grads_one.items():
+        torch.testing.assert_close(grads_two[name], grad, rtol=1e-4, atol=1e-6 * scale, msg=f"{tag} {name}")
+    before, after = (torch.load(d / f"weights_{tag}.pt") for d in (one_dir, two_dir))
+    assert after.keys() == before.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-3, atol=1e-4, msg=f"{tag} {name}")
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single_process, tmp_path):
-    scenarios = "update,uneven,images" if zero == "zero3" else "update,stats"
+    scenarios = "update,sft,uneven,images" if zero == "zero3" else "update,sft,stats"
     launch(scenarios, zero, tmp_path)
     one = json.loads((single_process / "update.json").read_text())
     two = json.loads((tmp_path / "update.json").read_text())
@@ -57,23 +71,17 @@ def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single
         assert b["stats"]["loss"] == pytest.approx(a["stats"]["loss"], rel=1e-4, abs=1e-6), loss_type
         assert b["stats"]["grad_norm"] == pytest.approx(a["stats"]["grad_norm"], rel=1e-4), loss_type
         assert a["stats"]["grad_norm"] > 0.1  # a real update, not a vacuous match
-        # The gradient itself, parameter by parameter (with lr=1e-2 Adam the updated weights mostly
-        # reflect the gradient's signs): the average over processes is the whole batch's gradient.
-        grads_one = torch.load(single_process / f"gradients_{loss_type}.pt")
-        grads_two = torch.load(tmp_path / f"gradients_{loss_type}.pt")
-        assert grads_two.keys() == grads_one.keys() and len(grads_one) > 10
-        scale = max(float(g.abs().max()) for g in grads_one.values())
-        for name, grad in grads_one.items():
-            torch.testing.assert_close(grads_two[name], grad, rtol=1e-4, atol=1e-6 * scale, msg=f"{loss_type} {name}")
+        # The average of the processes' gradients is the whole batch's gradient.
+        assert_same_update(single_process, tmp_path, loss_type)
         # Every logged number of the step is the whole batch's, not one process's.
         for key, value in a["metrics"].items():
             if key not in VOLATILE:
                 assert b["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (loss_type, key)
-        before = torch.load(single_process / f"weights_{loss_type}.pt")
-        after = torch.load(tmp_path / f"weights_{loss_type}.pt")
-        assert after.keys() == before.keys()
-        for name in before:
-            torch.testing.assert_close(after[name], before[name], rtol=1e-3, atol=1e-4, msg=f"{loss_type} {name}")
+    # SFT: the token mean over the step's targets, whichever process holds them.
+    one, two = (json.loads((d / "sft.json").read_text()) for d in (single_process, tmp_path))
+    assert two["tokens"] == one["tokens"] and two["truncated_frac"] == one["truncated_frac"] > 0
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    assert_same_update(single_process, tmp_path, "sft")
     if zero == "zero3":
         # One process finished after a token, the other decoded all 12: both came back.
         uneven = json.loads((tmp_path / "uneven.json").read_text())["per_rank"]
