@@ -7,7 +7,7 @@ Scenarios:
            the step's metrics; rank 0 writes loss, grad_norm, metrics, every parameter's full
            gradient before the optimizer step, and the updated weights. Under ZeRO-3 the DeepSpeed
            config also spells out the batch sizes and clipping our config implies, as a user's may.
-  uneven   ZeRO-3 generation where one process finishes at once and the other decodes to the limit.
+  uneven   a ZeRO-3 Trainer.rollout where one process finishes at once and the other decodes to the limit.
   images   under ZeRO-3, prompts with images on one process and without on the other are refused
            on both (the vision tower's collective forward would hang).
   sft      one SFT step on PROMPTS rows (ragged targets, one row per micro-batch); rank 0 writes
@@ -33,7 +33,6 @@ from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer  # noqa: E402
 from grpo.distributed import (  # noqa: E402
     all_gather_objects, check_images_on_every_rank, init_distributed, is_main_process, world,
 )
-from grpo.rollout import generate  # noqa: E402
 from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
 from grpo.trainer import Rollout, reward_stats  # noqa: E402
 
@@ -166,15 +165,13 @@ def run_scenario(scenario, zero, out_dir):
         trainer = Trainer(model, processor, [lambda prompts, completions, **c: [0.0] * len(completions)], rows,
                           config(out_dir, zero, max_completion_length=12))
         rank, _ = world()
-        from grpo.rollout import encode_prompts
-
-        prompts = encode_prompts(processor, rows[rank : rank + 1], [rank], 4096).to(trainer.device)
         # Rank 0 treats every token as end-of-sequence (done after one step); rank 1 decodes all 12.
-        eos = list(range(len(processor.tokenizer))) if rank == 0 else trainer.eos_ids
-        out = generate(trainer.policy, prompts, group_size=GROUP, max_new_tokens=12, eos_token_ids=eos,
-                       pad_token_id=trainer.pad_id, forbidden_ids=trainer.forbidden, synced=True,
-                       generator=torch.Generator().manual_seed(rank))
-        results = {"rank": rank, "lengths": out.mask.sum(1).tolist()}
+        # Through the trainer's own rollout: cached image features, synced decoding, reference log-probs.
+        if rank == 0:
+            trainer.eos_ids = list(range(len(processor.tokenizer)))
+        batch = trainer.rollout(rows[rank : rank + 1], [rank], torch.Generator().manual_seed(rank))
+        results = {"rank": rank, "lengths": batch.completion_mask.sum(1).tolist(),
+                   "ref_logprobs_finite": bool(batch.ref_logprobs.isfinite().all())}
         gathered = [None] * world()[1]
         torch.distributed.all_gather_object(gathered, results)
         results = {"per_rank": gathered}
