@@ -22,7 +22,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from grpo.rollout import encode_prompts, forbidden_token_ids, generate, with_image_features  # noqa: E402
+from grpo.logprobs import with_image_features  # noqa: E402
+from grpo.models import family_for  # noqa: E402
+from grpo.prompts import encode_prompts  # noqa: E402
+from grpo.sampling import SamplingParams, generate  # noqa: E402
 
 
 def main() -> None:
@@ -37,26 +40,26 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     model, processor = common.build(args.config)
     model.eval()
-    tok = processor.tokenizer
+    family = family_for(model, processor)
     G, C, B = shape["group_size"], shape["max_completion_length"], shape["prompts_per_step"]
     rows = common.rows_for(args.config, B)
-    prompts = encode_prompts(processor, rows, list(range(B)), max_prompt_length=4096)
-    eos = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None})
-    suppressed = forbidden_token_ids(tok) + eos
+    prompts = encode_prompts(family, rows, list(range(B)), max_prompt_length=4096)
+    eos, pad = family.eos_ids, family.pad_id
+    family.forbidden_ids = suppressed = family.forbidden_ids + eos  # every completion runs to the limit: same work
 
     def ours():
         with torch.no_grad():
-            cached = with_image_features(model, prompts)
-            out = generate(model, cached, group_size=G, max_new_tokens=C, eos_token_ids=eos, pad_token_id=tok.pad_token_id,
-                           forbidden_ids=suppressed, generator=torch.Generator().manual_seed(0))
+            cached = with_image_features(family, model, prompts)
+            out = generate(family, model, cached, SamplingParams(max_new_tokens=C), group_size=G,
+                           generator=torch.Generator().manual_seed(0))
         return out.ids
 
     def hf():
         out = model.generate(
-            input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, mm_token_type_ids=prompts.mm_token_type_ids,
-            pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw, do_sample=True, temperature=1.0,
+            input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+            **family.forward_kwargs(prompts.token_types), **prompts.pixel_inputs(), do_sample=True, temperature=1.0,
             top_p=1.0, top_k=0, num_return_sequences=G, max_new_tokens=C, suppress_tokens=suppressed,
-            eos_token_id=eos, pad_token_id=tok.pad_token_id,
+            eos_token_id=eos, pad_token_id=pad,
         )
         return out[:, prompts.input_ids.shape[1]:]
 

@@ -47,7 +47,8 @@ def run_ours(args, shape, rows, shared_prefix: bool) -> list[float]:
             freeze_vision_tower=True, dtype="float32", shared_prefix=shared_prefix, seed=0,
         )
         trainer = Trainer(args.model_dir, args.model_dir, [length_reward], rows, cfg)
-        trainer.forbidden = sorted(set(trainer.forbidden) | set(trainer.eos_ids))  # completions run to the limit
+        family = trainer.family
+        family.forbidden_ids = sorted(set(family.forbidden_ids) | set(family.eos_ids))  # completions run to the limit
         history = trainer.train()
     assert all(h["completion_length/min"] == shape["max_completion_length"] for h in history)
     return [h["step_time"] for h in history[args.warmup:]]
@@ -58,13 +59,13 @@ def run_trl(args, shape, rows) -> list[float]:
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo.rollout import forbidden_token_ids
+    from grpo.models import family_for
 
     processor = AutoProcessor.from_pretrained(args.model_dir)
-    tok = processor.tokenizer
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
-    model.model.visual.requires_grad_(False)  # frozen like ours (the paper trains the language model only)
-    eos = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None})
+    family = family_for(model, processor)
+    for module in family.vision_modules(model):  # frozen like ours (the paper trains the language model only)
+        module.requires_grad_(False)
     completions = shape["prompts_per_step"] * shape["group_size"]
     times, marks = [], {}
 
@@ -83,7 +84,7 @@ def run_trl(args, shape, rows) -> list[float]:
             max_steps=args.warmup + args.steps, gradient_checkpointing=False, use_cpu=True, bf16=False,
             report_to="none", save_strategy="no", logging_steps=1, shuffle_dataset=False,
             dataloader_num_workers=0, seed=0, log_completions=False,
-            generation_kwargs={"suppress_tokens": forbidden_token_ids(tok) + eos},
+            generation_kwargs={"suppress_tokens": family.forbidden_ids + family.eos_ids},
         )
         dataset = Dataset.from_list([{"prompt": row["prompt"], "image": row["image"]} for row in rows])
         trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=cfg, train_dataset=dataset,

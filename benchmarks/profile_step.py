@@ -22,7 +22,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from grpo.rollout import encode_prompts, forbidden_token_ids, generate, group_logprobs, with_image_features  # noqa: E402
+from grpo.logprobs import group_logprobs, with_image_features  # noqa: E402
+from grpo.models import family_for  # noqa: E402
+from grpo.prompts import encode_prompts  # noqa: E402
+from grpo.sampling import SamplingParams, generate  # noqa: E402
 
 
 def main() -> None:
@@ -36,30 +39,30 @@ def main() -> None:
     shape = common.CONFIGS[args.config]
     model, processor = common.build(args.config)
     model.model.visual.requires_grad_(False)
-    tok = processor.tokenizer
+    family = family_for(model, processor)
     G, C, B = shape["group_size"], shape["max_completion_length"], shape["prompts_per_step"]
-    prompts = encode_prompts(processor, common.rows_for(args.config, B), list(range(B)), max_prompt_length=4096)
-    eos = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None})
+    prompts = encode_prompts(family, common.rows_for(args.config, B), list(range(B)), max_prompt_length=4096)
+    family.forbidden_ids = family.forbidden_ids + family.eos_ids  # every completion runs to the limit: same work
     prompt_index = [i // G for i in range(B * G)]
 
     def rollout(p):
         with torch.no_grad():
-            return generate(model.eval(), p, group_size=G, max_new_tokens=C, eos_token_ids=eos, pad_token_id=tok.pad_token_id,
-                            forbidden_ids=forbidden_token_ids(tok) + eos, generator=torch.Generator().manual_seed(0))
+            return generate(family, model.eval(), p, SamplingParams(max_new_tokens=C), group_size=G,
+                            generator=torch.Generator().manual_seed(0))
 
-    cached = with_image_features(model, prompts)
+    cached = with_image_features(family, model, prompts)
     out = rollout(cached)
 
     def reference(p, shared):
         with torch.no_grad():
-            group_logprobs(model.eval(), p, prompt_index, out.ids, out.mask, shared_prefix=shared)
+            group_logprobs(family, model.eval(), p, prompt_index, out.ids, out.mask, shared_prefix=shared)
 
     def policy(p, shared):
         model.train().zero_grad(set_to_none=True)
-        group_logprobs(model, p, prompt_index, out.ids, out.mask, shared_prefix=shared).sum().backward()
+        group_logprobs(family, model, p, prompt_index, out.ids, out.mask, shared_prefix=shared).sum().backward()
 
     stages = {
-        "vision tower, the step's B images (shared path: once per step)": lambda: with_image_features(model, prompts),
+        "vision tower, the step's B images (shared path: once per step)": lambda: with_image_features(family, model, prompts),
         "rollout, shared (cached features, B prefills, decoding)": lambda: rollout(cached),
         "rollout, plain (pixels, B prefills, decoding)": lambda: rollout(prompts),
         "reference log-probs, shared": lambda: reference(cached, True),

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import torch
 
-from .rollout import encode_prompts, forbidden_token_ids, generate
+from .models import family_for, unwrap
+from .prompts import encode_prompts
+from .sampling import GREEDY, decode_completions, generate
+from .scoring import call_reward_functions, reward_columns, reward_name
 from .training import Progress
 
 
@@ -26,15 +30,12 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
     label to show a progress line on stderr with. `synced`: keep processes decoding in lockstep
     (DeepSpeed ZeRO-3, where every process evaluates the same rows).
     """
-    from .trainer import call_reward_functions, decode_completions, reward_name
-
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     names = [reward_name(f) for f in funcs]
     accuracy_name = next((name for name in names if "accuracy" in name), names[0])
-    tokenizer = getattr(processor, "tokenizer", processor)
-    eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    device = next(model.parameters()).device
+    family = family_for(model, processor, quiet=True)
+    params = replace(GREEDY, max_new_tokens=max_completion_length)
+    device = next(unwrap(model).parameters()).device
     ids = [dataset[i].get("id", i) for i in range(len(dataset))]
     seen = {}
     for index, item_id in enumerate(ids):
@@ -53,12 +54,10 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
     for start in range(0, len(todo), batch_size):
         index = todo[start : start + batch_size]
         rows = [dataset[i] for i in index]
-        prompts = encode_prompts(processor, rows, index, max_prompt_length).to(device)
-        out = generate(model, prompts, group_size=1, max_new_tokens=max_completion_length, eos_token_ids=eos_ids,
-                       pad_token_id=pad_id, temperature=0.0, forbidden_ids=forbidden_token_ids(tokenizer), synced=synced)
-        texts = decode_completions(tokenizer, out.ids, out.mask, set(eos_ids) | {pad_id})
-        columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
-        scores = call_reward_functions(funcs, [row["prompt"] for row in rows], texts, columns)
+        prompts = encode_prompts(family, rows, index, max_prompt_length).to(device)
+        out = generate(family, model, prompts, params, synced=synced)
+        texts = decode_completions(family, out)
+        scores = call_reward_functions(funcs, [row["prompt"] for row in rows], texts, reward_columns(rows))
         batch_records = []
         for k, i in enumerate(index):
             record = {"id": ids[i], "completion": texts[k], "tokens": int(out.mask[k].sum()), "truncated": bool(out.truncated[k])}

@@ -14,10 +14,11 @@ import torch
 
 from .config import ConfigMixin
 from .distributed import Optimization, all_reduce_sum, check_images_on_every_rank, is_main_process, shard, world
-from .rollout import completion_logprobs, encode_prompts
+from .logprobs import plain_logprobs
+from .prompts import encode_prompts
 from .training import (
-    JsonlLog, Progress, load_checkpoint, prepare_model, resolve_checkpoint, save_checkpoint, seed_everything,
-    setup_processes, start_output_dir,
+    JsonlLog, Progress, load_checkpoint, prepare_model, resolve_checkpoint, rows_for_step, save_checkpoint,
+    seed_everything, setup_processes, start_output_dir,
 )
 
 
@@ -54,15 +55,16 @@ class SFTConfig(ConfigMixin):
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
 
 
-def encode_targets(tokenizer, texts: list[str], end_token: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def encode_targets(family, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Right-padded target ids [N, T], their mask, and how many targets were cut to fit `max_length`;
-    the end-of-turn token closes each target."""
-    end_id = tokenizer.convert_tokens_to_ids(end_token)
+    the family's end-of-turn token closes each target (the model learns to stop)."""
+    tokenizer = family.tokenizer
+    end_id = family.end_of_turn_id if family.end_of_turn_id is not None else family.eos_ids[0]
     full = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     cut = sum(len(ids) > max_length - 1 for ids in full)
     rows = [ids[: max_length - 1] + [end_id] for ids in full]
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    ids = torch.full((len(rows), width), family.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
@@ -82,8 +84,7 @@ class SFTTrainer:
             raise ValueError(f"batch_size={cfg.batch_size} must split into {size} processes x whole micro-batches of "
                              f"micro_batch_size={cfg.micro_batch_size}")
         seed_everything(cfg.seed + rank)
-        self.model, self.processor = prepare_model(model, processor, cfg, self.device)
-        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.model, self.processor, self.family = prepare_model(model, processor, cfg, self.device)
         self.train_dataset = train_dataset
         for index, row in enumerate(train_dataset):
             for key in ("prompt", "completion"):
@@ -95,29 +96,21 @@ class SFTTrainer:
         self.step = 0
 
     def _rows_for_step(self, step: int):
-        n, per_step = len(self.train_dataset), self.config.batch_size
-        indices = []
-        for k in range(step * per_step, (step + 1) * per_step):
-            epoch, offset = divmod(k, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
-            indices.append(int(order[offset]))
-        indices = shard(indices, "batch_size")
-        return [self.train_dataset[i] for i in indices], indices
+        return rows_for_step(self.train_dataset, step, self.config.batch_size, self.config.seed, "batch_size")
 
     def encode(self, rows: list[dict], row_indices: list[int]):
         """Prompt inputs, right-padded target ids [N, T] with their mask (on this process's device), and
         how many targets were cut to max_completion_length."""
         cfg = self.config
-        prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(self.device)
+        prompts = encode_prompts(self.family, rows, row_indices, cfg.max_prompt_length).to(self.device)
         if self.opt.zero_stage == 3:  # a process without images would skip the tower's collective forward
             check_images_on_every_rank(prompts.images_per_prompt, row_indices, self.device)
-        ids, mask, cut = encode_targets(self.tokenizer, [row["completion"] for row in rows], "<|im_end|>",
-                                        cfg.max_completion_length)
+        ids, mask, cut = encode_targets(self.family, [row["completion"] for row in rows], cfg.max_completion_length)
         return prompts, ids.to(self.device), mask.to(self.device), cut
 
     def loss(self, prompts, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Summed negative log-likelihood of the target tokens."""
-        logprobs = completion_logprobs(self.opt.module, prompts, ids, mask)  # [N, T]
+        logprobs = plain_logprobs(self.family, self.opt.module, prompts, ids, mask)  # [N, T]
         return -(logprobs * mask).sum()
 
     def train(self) -> list[dict]:

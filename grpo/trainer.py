@@ -12,12 +12,8 @@ One training step:
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import copy
-import inspect
-import numbers as numbers_
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,12 +25,14 @@ from .distributed import (
     world,
 )
 from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
-from .rollout import (
-    PromptBatch, encode_prompts, forbidden_token_ids, generate, group_logprobs, vision_towers_equal, with_image_features,
-)
+from .evaluate import evaluate
+from .logprobs import group_logprobs, with_image_features
+from .prompts import PromptBatch, encode_prompts
+from .sampling import SamplingParams, decode_completions, generate
+from .scoring import call_reward_functions, combine_rewards, reward_columns, reward_name, reward_stats
 from .training import (
-    JsonlLog, Progress, load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, save_checkpoint,
-    seed_everything, setup_processes, start_output_dir,
+    JsonlLog, Progress, load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, rows_for_step,
+    save_checkpoint, seed_everything, setup_processes, start_output_dir, vision_modules_equal,
 )
 
 
@@ -113,8 +111,12 @@ class GRPOConfig(ConfigMixin):
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}: GRPO samples its G completions "
                              f"(greedy ones would be identical) and divides logits by it")
-        if not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0, got top_p={self.top_p}, top_k={self.top_k}")
+        self.sampling_params()  # checks top_p, top_k and max_completion_length
+
+    def sampling_params(self) -> SamplingParams:
+        """How the rollout draws its completions."""
+        return SamplingParams(max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k)
 
 
 @dataclass
@@ -129,92 +131,6 @@ class Rollout:
     texts: list[str] = field(default_factory=list)
     old_logprobs: torch.Tensor | None = None  # [B*G, C] only when num_iterations > 1
     ref_logprobs: torch.Tensor | None = None  # [B*G, C] only when beta > 0
-
-
-def reward_name(func) -> str:
-    return getattr(func, "__name__", None) or type(func).__name__
-
-
-def decode_completions(tokenizer, ids: torch.Tensor, mask: torch.Tensor, strip_ids: set[int]) -> list[str]:
-    """Decode without skipping special tokens (the <think>/<answer> tags may be special), minus EOS/pad."""
-    return [
-        tokenizer.decode([t for t, m in zip(row, row_mask) if m and t not in strip_ids], skip_special_tokens=False)
-        for row, row_mask in zip(ids.tolist(), mask.tolist())
-    ]
-
-
-def call_reward_functions(funcs, prompts, completions, columns) -> list[list[float | None]]:
-    """Call every reward function; coroutine functions (or ones returning awaitables) run concurrently."""
-
-    async def run_all():
-        pending, results = {}, [None] * len(funcs)
-        for i, func in enumerate(funcs):
-            try:
-                value = func(prompts=prompts, completions=completions, **columns)
-            except Exception as error:
-                raise RuntimeError(f"reward function {reward_name(func)!r} raised {type(error).__name__}: {error}") from error
-            if inspect.isawaitable(value):
-                pending[i] = value
-            else:
-                results[i] = value
-        for i, value in zip(pending, await asyncio.gather(*pending.values(), return_exceptions=True)):
-            if isinstance(value, BaseException):
-                raise RuntimeError(f"reward function {reward_name(funcs[i])!r} raised {type(value).__name__}: {value}") from value
-            results[i] = value
-        return results
-
-    results = _run_coroutine(run_all())
-    for func, values in zip(funcs, results):
-        if values is None or len(values) != len(completions):
-            got = "None" if values is None else f"{len(values)} values"
-            raise RuntimeError(f"reward function {reward_name(func)!r} returned {got} for {len(completions)} completions")
-    return results
-
-
-def reward_stats(funcs) -> dict:
-    """Statistics that reward functions report through a `stats()` method (a judge's counters), keyed
-    `<name>/<key>`, over all processes: whole numbers (counts) are summed, other numbers averaged over
-    the processes that report them (so a latency quantile is the processes' mean quantile).
-    Collective: every process calls it."""
-    local = {}
-    for func in funcs:
-        if callable(getattr(func, "stats", None)):
-            local.update({f"{reward_name(func)}/{key}": value for key, value in func.stats().items()})
-    merged = {}
-    for key, values in _by_key(all_gather_objects(local)).items():
-        numbers = [v for v in values if isinstance(v, numbers_.Real) and not isinstance(v, bool)]
-        if numbers and all(isinstance(v, numbers_.Integral) for v in numbers):
-            merged[key] = int(sum(numbers))
-        elif numbers:
-            merged[key] = float(sum(numbers)) / len(numbers)
-        else:
-            merged[key] = next((v for v in values if v is not None), None)
-    return merged
-
-
-def _by_key(dicts: list[dict]) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for d in dicts:
-        for key, value in d.items():
-            out.setdefault(key, []).append(value)
-    return out
-
-
-def _run_coroutine(coroutine):
-    """asyncio.run, also from code that already runs an event loop (a notebook): there in a worker thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
-
-
-def combine_rewards(results, weights) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted sum per completion (None counts 0) and each function's mean/std over its non-None values."""
-    per_func = torch.tensor([[float("nan") if v is None else float(v) for v in values] for values in results])  # [F, N]
-    total = (torch.nan_to_num(per_func, nan=0.0) * torch.tensor(weights)[:, None]).sum(0)
-    return total, per_func
 
 
 class Trainer:
@@ -240,8 +156,10 @@ class Trainer:
                 f"completions_per_micro_batch={cfg.completions_per_micro_batch} must divide the completions per process = "
                 f"prompts_per_step {cfg.prompts_per_step} / {size} processes x group_size {cfg.group_size} = {local_completions}")
         seed_everything(cfg.seed + rank)
-        self.model, self.processor = prepare_model(model, processor, cfg, self.device)
-        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.model, self.processor, self.family = prepare_model(model, processor, cfg, self.device)
+        if cfg.shared_prefix and not self.family.fast_path:
+            print(f"[grpo] shared_prefix=True, but {self.family.name} models run the plain path: each completion is "
+                  f"forwarded with its own copy of the prompt", file=sys.stderr)
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not self.reward_funcs:
             raise ValueError("at least one reward function is needed")
@@ -259,11 +177,8 @@ class Trainer:
         # The reference is copied before DeepSpeed partitions the policy.
         self.ref_model = prepare_reference_model(ref_model, self.model, cfg, self.device) if cfg.beta > 0 else None
         # The reference may reuse the policy's image features only while both towers are the same and frozen.
-        self.ref_shares_vision = (
-            self.ref_model is not None and cfg.freeze_vision_tower and vision_towers_equal(self.model, self.ref_model))
-        self.eos_ids = sorted({self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id} - {None})
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.forbidden = forbidden_token_ids(self.tokenizer)
+        self.ref_shares_vision = self.ref_model is not None and cfg.freeze_vision_tower and vision_modules_equal(
+            self.family.vision_modules(self.model), self.family.vision_modules(self.ref_model))
         self.opt = Optimization(self.model, cfg, total_updates=cfg.max_steps * cfg.num_iterations,
                                 micro_batches_per_update=local_completions // cfg.completions_per_micro_batch,
                                 micro_batch_size=cfg.completions_per_micro_batch)
@@ -276,39 +191,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _rows_for_step(self, step: int) -> tuple[list[dict], list[int]]:
-        """Rows of a step: a seeded permutation per epoch, so the data position is a function of the step."""
-        n, per_step = len(self.train_dataset), self.config.prompts_per_step
-        indices = []
-        for k in range(step * per_step, (step + 1) * per_step):
-            epoch, offset = divmod(k, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + epoch))
-            indices.append(int(order[offset]))
-        indices = shard(indices, "prompts_per_step")  # this process's prompts; a group never spans processes
-        return [self.train_dataset[i] for i in indices], indices
+        return rows_for_step(self.train_dataset, step, self.config.prompts_per_step, self.config.seed, "prompts_per_step")
 
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
     def rollout(self, rows: list[dict], row_indices: list[int], generator: torch.Generator) -> Rollout:
         cfg = self.config
-        prompts = encode_prompts(self.processor, rows, row_indices, cfg.max_prompt_length).to(self.device)
+        prompts = encode_prompts(self.family, rows, row_indices, cfg.max_prompt_length).to(self.device)
         if self.opt.zero_stage == 3:  # a process without images would skip the tower's collective forward
             check_images_on_every_rank(prompts.images_per_prompt, row_indices, self.device)
         self.opt.train(False)
         if cfg.shared_prefix:
-            prompts = with_image_features(self.model, prompts)  # vision once, for the rollout and every pass
-        out = generate(
-            self.policy, prompts, group_size=cfg.group_size, max_new_tokens=cfg.max_completion_length,
-            eos_token_ids=self.eos_ids, pad_token_id=self.pad_id, temperature=cfg.temperature, top_p=cfg.top_p,
-            top_k=cfg.top_k, forbidden_ids=self.forbidden, generator=generator, synced=self.opt.zero_stage == 3,
-        )
+            prompts = with_image_features(self.family, self.model, prompts)  # vision once, for the rollout and every pass
+        out = generate(self.family, self.policy, prompts, cfg.sampling_params(), group_size=cfg.group_size,
+                       generator=generator, synced=self.opt.zero_stage == 3)
         batch = Rollout(rows, prompts, out.ids, out.mask, out.truncated)
-        batch.texts = decode_completions(self.tokenizer, out.ids, out.mask, set(self.eos_ids) | {self.pad_id})
+        batch.texts = decode_completions(self.family, out)
         if cfg.num_iterations > 1:
             batch.old_logprobs = self._logprobs_all(self.policy, batch, batch.prompts)
         if self.ref_model is not None:
             ref_prompts = batch.prompts
             if cfg.shared_prefix and not self.ref_shares_vision:
-                ref_prompts = with_image_features(self.ref_model, batch.prompts)
+                ref_prompts = with_image_features(self.family, self.ref_model, batch.prompts)
             batch.ref_logprobs = self._logprobs_all(self.ref_model, batch, ref_prompts)
         return batch
 
@@ -321,8 +225,8 @@ class Trainer:
             yield index, prompts.select(groups), [groups.index(i // G) for i in index]
 
     def _logprobs(self, model, batch: Rollout, index, prompts, prompt_index) -> torch.Tensor:
-        return group_logprobs(model, prompts, prompt_index, batch.completion_ids[index], batch.completion_mask[index],
-                              self.config.temperature, shared_prefix=self.config.shared_prefix)
+        return group_logprobs(self.family, model, prompts, prompt_index, batch.completion_ids[index],
+                              batch.completion_mask[index], self.config.temperature, shared_prefix=self.config.shared_prefix)
 
     def _logprobs_all(self, model, batch: Rollout, prompts: PromptBatch | None = None) -> torch.Tensor:
         """Log-probs of every completion under `model` (`prompts`: batch.prompts by default)."""
@@ -333,9 +237,7 @@ class Trainer:
         """Rewards [B*G] (weighted sum) and the per-function matrix [F, B*G] (NaN where None)."""
         G = self.config.group_size
         rows = [row for row in batch.rows for _ in range(G)]
-        prompts = [row["prompt"] for row in rows]
-        columns = {key: [row.get(key) for row in rows] for key in batch.rows[0] if key != "prompt"}
-        results = call_reward_functions(self.reward_funcs, prompts, batch.texts, columns)
+        results = call_reward_functions(self.reward_funcs, [row["prompt"] for row in rows], batch.texts, reward_columns(rows))
         return combine_rewards(results, self.reward_weights)
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -433,8 +335,6 @@ class Trainer:
         return history
 
     def evaluate(self) -> dict[str, float]:
-        from .evaluate import evaluate
-
         result = evaluate(self.policy, self.processor, self.eval_dataset, self.eval_reward_funcs,
                           batch_size=self.config.eval_batch_size, max_completion_length=self.config.max_completion_length,
                           synced=self.opt.zero_stage == 3)

@@ -16,18 +16,22 @@ import torch
 
 from .distributed import (
     all_gather_objects, barrier, default_device, init_distributed, is_main_process, launched_distributed,
-    reference_deepspeed_config, world, zero_stage,
+    reference_deepspeed_config, shard, world, zero_stage,
 )
+from .models import family_for
 
 
 def load_model(model, dtype: str = "auto"):
     """A loaded model is returned as is; a name or a local directory goes through `from_pretrained`."""
     if not isinstance(model, (str, os.PathLike)):
         return model
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype)
+    config = AutoConfig.from_pretrained(model)
+    # Vision-language models first; a text-only model (text-only rows) loads as a causal LM.
+    auto = AutoModelForImageTextToText if type(config) in AutoModelForImageTextToText._model_mapping else AutoModelForCausalLM
+    return auto.from_pretrained(model, dtype=torch_dtype)
 
 
 def load_processor(processor, model_name):
@@ -38,14 +42,44 @@ def load_processor(processor, model_name):
     return AutoProcessor.from_pretrained(processor or model_name)
 
 
-def freeze_vision_tower(model) -> None:
-    """Freeze the vision encoder (the paper trains the language model only)."""
-    inner = getattr(model, "model", model)
-    visual = getattr(inner, "visual", None)
-    if visual is None:
-        raise ValueError("freeze_vision_tower=True but the model has no `visual` module")
-    for param in visual.parameters():
-        param.requires_grad_(False)
+def freeze_vision_tower(model, family) -> None:
+    """Freeze the modules that make image features (the paper trains the language model only).
+    A text-only model has none: nothing to freeze."""
+    for module in family.vision_modules(model):
+        module.requires_grad_(False)
+
+
+def vision_modules_equal(ours: list, theirs: list) -> bool:
+    """Whether two models' vision modules hold the same weights (then they may share image features)."""
+    if not ours or len(ours) != len(theirs):
+        return False
+    for a, b in zip(ours, theirs):
+        if a is b:
+            continue
+        if any(hasattr(p, "ds_id") for p in a.parameters()):
+            return False  # ZeRO-3 partitions: the local tensors are placeholders, not the weights
+        other = dict(b.named_parameters())
+        if not all(name in other and torch.equal(p, other[name]) for name, p in a.named_parameters()):
+            return False
+    return True
+
+
+def rows_for_step(dataset, step: int, per_step: int, seed: int, name: str) -> tuple[list[dict], list[int]]:
+    """This process's rows of a step and their indices: a seeded permutation per epoch, so the data
+    position is a function of the step (resuming continues exactly); `per_step` rows over all
+    processes, split evenly (`name` is the config field that sets it, for the error)."""
+    n = len(dataset)
+    indices = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(k, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * _EPOCH_SEED_STRIDE + epoch))
+        indices.append(int(order[offset]))
+    indices = shard(indices, name)  # a group never spans processes
+    return [dataset[i] for i in indices], indices
+
+
+# Seeds of consecutive runs' epoch permutations never collide for fewer than this many epochs (a prime).
+_EPOCH_SEED_STRIDE = 7919
 
 
 def seed_everything(seed: int) -> None:
@@ -66,18 +100,19 @@ def setup_processes(cfg) -> torch.device:
 
 def prepare_model(model, processor, cfg, device):
     """Load (if given a name or path), move to `device` unless DeepSpeed places it, freeze the vision
-    tower if asked, and enable gradient checkpointing if asked. Returns (model, processor)."""
+    tower if asked, and enable gradient checkpointing if asked. Returns (model, processor, family)."""
     name = model if isinstance(model, (str, os.PathLike)) else None
     model = load_model(model, cfg.dtype)
     processor = load_processor(processor, name)
+    family = family_for(model, processor)
     if not cfg.deepspeed:
         model.to(device)
     if cfg.freeze_vision_tower:
-        freeze_vision_tower(model)
+        freeze_vision_tower(model, family)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the rollout passes use_cache=True explicitly
-    return model, processor
+    return model, processor, family
 
 
 def prepare_reference_model(ref_model, policy, cfg, device):

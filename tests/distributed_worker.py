@@ -49,12 +49,12 @@ def tiny():
     return model, processor, rows
 
 
-def fixed_rollout(processor, rows, vocab_size: int, first: int, count: int):
+def fixed_rollout(family, rows, vocab_size: int, first: int, count: int):
     """Prompts rows[first:first+count], seeded random completions with ragged lengths, seeded rewards.
 
     Built from the global position of each completion, so any split over processes gives the same data.
     """
-    from grpo.rollout import encode_prompts
+    from grpo.prompts import encode_prompts
 
     total = PROMPTS * GROUP
     gen = torch.Generator().manual_seed(1234)
@@ -63,7 +63,7 @@ def fixed_rollout(processor, rows, vocab_size: int, first: int, count: int):
     mask = (torch.arange(LENGTH)[None] < lengths[:, None]).long()
     rewards = torch.rand(total, generator=gen)
     local = slice(first * GROUP, (first + count) * GROUP)
-    prompts = encode_prompts(processor, rows[first : first + count], list(range(first, first + count)), 4096)
+    prompts = encode_prompts(family, rows[first : first + count], list(range(first, first + count)), 4096)
     batch = Rollout(rows[first : first + count], prompts, ids[local], mask[local], lengths[local] == LENGTH)
     return batch, rewards[local]
 
@@ -133,7 +133,7 @@ def run_update(zero, out_dir, loss_type, scale_rewards):
     gradients = record_gradients_before_step(trainer.opt)
     rank, size = world()  # the trainer joined the process group
     per_rank = PROMPTS // size
-    batch, rewards = fixed_rollout(processor, rows, len(processor.tokenizer), rank * per_rank, per_rank)
+    batch, rewards = fixed_rollout(trainer.family, rows, len(processor.tokenizer), rank * per_rank, per_rank)
     batch.prompts = batch.prompts.to(trainer.device)
     batch.ref_logprobs = trainer._logprobs_all(trainer.ref_model, batch)
     advantages = trainer.advantages(rewards)
@@ -168,7 +168,7 @@ def run_scenario(scenario, zero, out_dir):
         # Rank 0 treats every token as end-of-sequence (done after one step); rank 1 decodes all 12.
         # Through the trainer's own rollout: cached image features, synced decoding, reference log-probs.
         if rank == 0:
-            trainer.eos_ids = list(range(len(processor.tokenizer)))
+            trainer.family.eos_ids = list(range(len(processor.tokenizer)))
         batch = trainer.rollout(rows[rank : rank + 1], [rank], torch.Generator().manual_seed(rank))
         results = {"rank": rank, "lengths": batch.completion_mask.sum(1).tolist(),
                    "ref_logprobs_finite": bool(batch.ref_logprobs.isfinite().all())}

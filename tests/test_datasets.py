@@ -14,7 +14,7 @@ from data import (
 )
 from grpo import GRPOConfig, SFTConfig
 from grpo.config import apply_overrides, load_yaml
-from grpo.rollout import load_image
+from grpo.prompts import load_image
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_lazy_image_opens_as_rgb_at_its_budget_through_the_trainer(tmp_path):
     write_image(path, 3, size=(300, 200), mode="P")
     image = LazyImage(path, min_pixels=784, max_pixels=28 * 28 * 20)
     assert image == os.path.abspath(path)  # it is the path: JSON, judges and os.path take it as is
-    opened = load_image(image, row_index=0)  # what grpo.rollout does per batch
+    opened = load_image(image, row_index=0)  # what grpo.prompts does per batch
     assert opened.mode == "RGB" and opened.size == (140, 84)
     expected = Image.open(path).convert("RGB").resize((140, 84), Image.BICUBIC)
     assert opened.tobytes() == expected.tobytes()

@@ -190,7 +190,7 @@ def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(work
     decoded = []
     module = sys.modules["grpo.evaluate"]
     real_generate = module.generate
-    monkeypatch.setattr(module, "generate", lambda model, prompts, **kw: decoded.append(len(prompts)) or real_generate(model, prompts, **kw))
+    monkeypatch.setattr(module, "generate", lambda family, model, prompts, *a, **kw: decoded.append(len(prompts)) or real_generate(family, model, prompts, *a, **kw))
     again = evaluate.main(eval_args + ["--only", "R1-7B"])
     assert decoded == [2]
     assert again == summary

@@ -2,14 +2,18 @@ import copy
 
 import torch
 
-from grpo.rollout import completion_logprobs, encode_prompts, forbidden_token_ids, generate
+from grpo.logprobs import plain_logprobs
+from grpo.models import family_for
+from grpo.prompts import encode_prompts
+from grpo.sampling import SamplingParams, generate
 
 
 def _setup(tiny_parts, toy_rows, n=3):
     model, processor = tiny_parts
     model = copy.deepcopy(model)
-    prompts = encode_prompts(processor, toy_rows[:n], list(range(n)), max_prompt_length=4096)
-    return model, processor, prompts
+    family = family_for(model, processor)
+    prompts = encode_prompts(family, toy_rows[:n], list(range(n)), max_prompt_length=4096)
+    return model, family, prompts
 
 
 def _boost(model, token_ids, amount=100.0):
@@ -24,17 +28,19 @@ def _boost(model, token_ids, amount=100.0):
 
 
 def test_rollout_masks_eos_truncation_and_forbidden_tokens(tiny_parts, toy_rows):
-    model, processor, prompts = _setup(tiny_parts, toy_rows)
-    tok = processor.tokenizer
+    model, family, prompts = _setup(tiny_parts, toy_rows)
+    tok = family.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    forbidden = forbidden_token_ids(tok)
+    assert family.eos_ids == [eos]  # from the generation config and the chat template
+    forbidden = family.forbidden_ids
+    assert sorted(tok.convert_ids_to_tokens(forbidden)) == sorted(
+        ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
     # Make the vision tokens the most likely ones: they must still never be sampled. EOS made
     # moderately likely, so that some completions end mid-way while others run to the limit.
     _boost(model, forbidden)
     _boost(model, [eos], amount=3.0)
     g = torch.Generator().manual_seed(0)
-    out = generate(model, prompts, group_size=4, max_new_tokens=12, eos_token_ids=[eos],
-                   pad_token_id=tok.pad_token_id, forbidden_ids=forbidden, generator=g)
+    out = generate(family, model, prompts, SamplingParams(max_new_tokens=12), group_size=4, generator=g)
     assert out.ids.shape[0] == 12 and out.ids.shape[1] <= 12
     assert not torch.isin(out.ids, torch.tensor(forbidden)).any()
     for ids, mask, truncated in zip(out.ids.tolist(), out.mask.tolist(), out.truncated.tolist()):
@@ -50,24 +56,21 @@ def test_rollout_masks_eos_truncation_and_forbidden_tokens(tiny_parts, toy_rows)
 
 
 def test_eos_everywhere_ends_after_one_token(tiny_parts, toy_rows):
-    model, processor, prompts = _setup(tiny_parts, toy_rows, n=2)
-    tok = processor.tokenizer
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    model, family, prompts = _setup(tiny_parts, toy_rows, n=2)
+    eos = family.eos_ids[0]
     _boost(model, [eos])
-    out = generate(model, prompts, group_size=2, max_new_tokens=10, eos_token_ids=[eos],
-                   pad_token_id=tok.pad_token_id, temperature=0.0)
+    out = generate(family, model, prompts, SamplingParams(max_new_tokens=10, temperature=0.0), group_size=2)
     assert out.ids.shape == (4, 1) and out.ids.eq(eos).all() and out.mask.eq(1).all() and not out.truncated.any()
 
 
 def test_logprobs_equal_plain_full_forward(tiny_parts, toy_rows):
     """Our gathered log-probs == a plain forward on the processor's complete inputs (with mRoPE)."""
-    model, processor, prompts = _setup(tiny_parts, toy_rows)
-    tok = processor.tokenizer
+    model, family, prompts = _setup(tiny_parts, toy_rows)
+    processor = family.processor
     g = torch.Generator().manual_seed(1)
-    out = generate(model, prompts, group_size=2, max_new_tokens=8, eos_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")],
-                   pad_token_id=tok.pad_token_id, forbidden_ids=forbidden_token_ids(tok), generator=g)
+    out = generate(family, model, prompts, SamplingParams(max_new_tokens=8), group_size=2, generator=g)
     index = [i // 2 for i in range(6)]
-    ours = completion_logprobs(model, prompts.select(index), out.ids, out.mask, temperature=0.7)
+    ours = plain_logprobs(family, model, prompts.select(index), out.ids, out.mask, temperature=0.7)
 
     for i in range(6):
         row = toy_rows[index[i]]

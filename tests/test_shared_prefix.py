@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from grpo import GRPOConfig, Trainer
-from grpo.rollout import (
-    completion_logprobs, encode_prompts, forbidden_token_ids, generate, group_logprobs, with_image_features,
-)
+from grpo.logprobs import group_logprobs, plain_logprobs, with_image_features
+from grpo.models import family_for
+from grpo.prompts import encode_prompts
+from grpo.sampling import SamplingParams, generate
 
 TIGHT = dict(atol=1e-10, rtol=1e-9)
 
@@ -27,6 +28,11 @@ def assert_grads_close(grads, expected):
     for name, value in expected.items():
         scale = float(value.abs().max())
         torch.testing.assert_close(grads[name], value, atol=1e-6 * scale + 1e-12, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def family(tiny_parts):
+    return family_for(*tiny_parts)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +62,9 @@ def ragged_completions(n, length, vocab, eos, seed):
     return ids, mask
 
 
-def logprobs_and_grads(model, prompts, prompt_index, ids, mask, shared, weights):
+def logprobs_and_grads(family, model, prompts, prompt_index, ids, mask, shared, weights):
     model.zero_grad(set_to_none=True)
-    logprobs = group_logprobs(model, prompts, prompt_index, ids, mask, shared_prefix=shared, temperature=0.7)
+    logprobs = group_logprobs(family, model, prompts, prompt_index, ids, mask, shared_prefix=shared, temperature=0.7)
     (logprobs * mask * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return logprobs.detach() * mask, grads
@@ -66,21 +72,21 @@ def logprobs_and_grads(model, prompts, prompt_index, ids, mask, shared, weights)
 
 @pytest.mark.parametrize("images", [True, False], ids=["image", "text"])
 @pytest.mark.parametrize("group_size", [2, 4])
-def test_shared_prefix_and_cached_features_match_plain_logprobs_and_gradients(model64, tiny_parts, toy_rows, images, group_size):
-    _, processor = tiny_parts
+def test_shared_prefix_and_cached_features_match_plain_logprobs_and_gradients(model64, family, toy_rows, images, group_size):
+    processor = family.processor
     rows = toy_rows[:3] if images else text_only(toy_rows[:3])
-    prompts = encode_prompts(processor, rows, [0, 1, 2], max_prompt_length=4096)
+    prompts = encode_prompts(family, rows, [0, 1, 2], max_prompt_length=4096)
     assert prompts.attention_mask.eq(0).any(), "the prompts should be left-padded to different lengths"
     n = 3 * group_size
     ids, mask = ragged_completions(n, 9, model64.config.text_config.vocab_size, processor.tokenizer.eos_token_id, seed=group_size)
     prompt_index = [i // group_size for i in range(n)]
     weights = torch.linspace(-1.0, 2.0, n, dtype=torch.float64)[:, None]  # a different advantage per completion
 
-    plain, plain_grads = logprobs_and_grads(model64, prompts, prompt_index, ids, mask, False, weights)
-    cached = with_image_features(model64, prompts)
+    plain, plain_grads = logprobs_and_grads(family, model64, prompts, prompt_index, ids, mask, False, weights)
+    cached = with_image_features(family, model64, prompts)
     assert (cached.image_features is not None) == images
     for variant, shared in [(prompts, True), (cached, False), (cached, True)]:
-        ours, grads = logprobs_and_grads(model64, variant, prompt_index, ids, mask, shared, weights)
+        ours, grads = logprobs_and_grads(family, model64, variant, prompt_index, ids, mask, shared, weights)
         torch.testing.assert_close(ours, plain, **TIGHT)
         expected = {k: v for k, v in plain_grads.items() if variant is prompts or "visual" not in k}
         assert_grads_close(grads, expected)
@@ -89,53 +95,51 @@ def test_shared_prefix_and_cached_features_match_plain_logprobs_and_gradients(mo
     assert any("visual" in name for name in plain_grads) == images
 
 
-def test_shared_prefix_handles_prompts_used_unevenly_and_one_token_completions(model64, tiny_parts, toy_rows):
+def test_shared_prefix_handles_prompts_used_unevenly_and_one_token_completions(model64, family, toy_rows):
     """A micro-batch may hold part of a group: prompts repeated different numbers of times, in any order."""
-    _, processor = tiny_parts
-    prompts = with_image_features(model64, encode_prompts(processor, toy_rows[3:5], [3, 4], max_prompt_length=4096))
+    processor = family.processor
+    prompts = with_image_features(family, model64, encode_prompts(family, toy_rows[3:5], [3, 4], max_prompt_length=4096))
     prompt_index = [1, 0, 1, 1]
     for length in (1, 5):
         ids, mask = ragged_completions(4, length, model64.config.text_config.vocab_size, processor.tokenizer.eos_token_id, seed=length)
         with torch.no_grad():
-            plain = completion_logprobs(model64, prompts.without_features().select(prompt_index), ids, mask)
-            shared = group_logprobs(model64, prompts, prompt_index, ids, mask)
+            plain = plain_logprobs(family, model64, prompts.without_features().select(prompt_index), ids, mask)
+            shared = group_logprobs(family, model64, prompts, prompt_index, ids, mask)
         torch.testing.assert_close(shared * mask, plain * mask, **TIGHT)
 
 
-def test_gradient_checkpointing_falls_back_to_the_plain_path(model64, tiny_parts, toy_rows):
-    _, processor = tiny_parts
+def test_gradient_checkpointing_falls_back_to_the_plain_path(model64, family, toy_rows):
+    processor = family.processor
     model = copy.deepcopy(model64)
     model.activation_checkpointing_enable()
     model.train()
-    prompts = encode_prompts(processor, toy_rows[:2], [0, 1], max_prompt_length=4096)
+    prompts = encode_prompts(family, toy_rows[:2], [0, 1], max_prompt_length=4096)
     ids, mask = ragged_completions(4, 6, model.config.text_config.vocab_size, processor.tokenizer.eos_token_id, seed=3)
     weights = torch.ones(4, 1, dtype=torch.float64)
-    plain, plain_grads = logprobs_and_grads(model64, prompts, [0, 0, 1, 1], ids, mask, False, weights)
-    ours, grads = logprobs_and_grads(model, prompts, [0, 0, 1, 1], ids, mask, True, weights)
+    plain, plain_grads = logprobs_and_grads(family, model64, prompts, [0, 0, 1, 1], ids, mask, False, weights)
+    ours, grads = logprobs_and_grads(family, model, prompts, [0, 0, 1, 1], ids, mask, True, weights)
     torch.testing.assert_close(ours, plain, **TIGHT)
     assert_grads_close(grads, plain_grads)
 
 
 @pytest.mark.parametrize("group_size", [2, 4])
-def test_rollout_with_cached_features_is_token_identical(model64, tiny_parts, toy_rows, group_size):
-    _, processor = tiny_parts
-    tok = processor.tokenizer
+def test_rollout_with_cached_features_is_token_identical(model64, family, toy_rows, group_size):
+    tok = family.tokenizer
     model = copy.deepcopy(model64).eval()
-    prompts = encode_prompts(processor, toy_rows[:3], [0, 1, 2], max_prompt_length=4096)
-    cached = with_image_features(model, prompts)
-    settings = dict(group_size=group_size, max_new_tokens=10, eos_token_ids=[tok.eos_token_id],
-                    pad_token_id=tok.pad_token_id, forbidden_ids=forbidden_token_ids(tok))
+    prompts = encode_prompts(family, toy_rows[:3], [0, 1, 2], max_prompt_length=4096)
+    cached = with_image_features(family, model, prompts)
     for temperature in (0.0, 1.0):
-        runs = [generate(model, p, temperature=temperature, generator=torch.Generator().manual_seed(5), **settings)
+        params = SamplingParams(max_new_tokens=10, temperature=temperature)
+        runs = [generate(family, model, p, params, group_size=group_size, generator=torch.Generator().manual_seed(5))
                 for p in (prompts, cached)]
         assert torch.equal(runs[0].ids, runs[1].ids) and torch.equal(runs[0].mask, runs[1].mask)
 
     # Greedy decoding is also HF generate's (each of the G identical samples).
-    ours = generate(model, cached, temperature=0.0, **settings)
+    ours = generate(family, model, cached, SamplingParams(max_new_tokens=10, temperature=0.0), group_size=group_size)
     hf = model.generate(
-        input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, mm_token_type_ids=prompts.mm_token_type_ids,
-        pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw, do_sample=False,
-        max_new_tokens=ours.ids.shape[1], suppress_tokens=forbidden_token_ids(tok),
+        input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, mm_token_type_ids=prompts.token_types,
+        **prompts.pixel_inputs(), do_sample=False,
+        max_new_tokens=ours.ids.shape[1], suppress_tokens=family.forbidden_ids,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )[:, prompts.input_ids.shape[1]:].repeat_interleave(group_size, 0)
     assert torch.equal(hf * ours.mask, ours.ids * ours.mask)

@@ -21,9 +21,10 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from data import build_messages, sft_target
 from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, evaluate
-from grpo.rollout import encode_prompts
+from grpo.models import family_for
+from grpo.prompts import encode_prompts
+from grpo.scoring import call_reward_functions, combine_rewards
 from grpo.sft import encode_targets
-from grpo.trainer import call_reward_functions, combine_rewards
 from rewards import format_reward
 
 METRIC_KEYS = [
@@ -363,7 +364,7 @@ def test_a_prompt_whose_image_is_absent_is_named(tiny_parts, toy_rows, field, va
     rows[1].pop("image")
     rows[1][field] = value
     with pytest.raises(ValueError, match=r"row 11\b.*1 image part.*'image'.*gives 0"):
-        encode_prompts(processor, rows, [10, 11, 12], max_prompt_length=1024)
+        encode_prompts(family_for(*tiny_parts), rows, [10, 11, 12], max_prompt_length=1024)
 
 
 def test_every_kind_of_image_part_the_chat_template_renders_needs_an_image(tiny_parts, toy_rows):
@@ -374,11 +375,11 @@ def test_every_kind_of_image_part_the_chat_template_renders_needs_an_image(tiny_
         row["prompt"] = [{"role": "user", "content": [part, text]}]
         row["image"] = None
         with pytest.raises(ValueError, match=r"row 0\b.*1 image part.*gives 0"):
-            encode_prompts(processor, [row], [0], max_prompt_length=1024)
+            encode_prompts(family_for(*tiny_parts), [row], [0], max_prompt_length=1024)
         row["prompt"] = [{"role": "user", "content": [text]}]
         row["image"] = toy_rows[0]["image"]
         with pytest.raises(ValueError, match=r"row 0\b.*0 image part.*gives 1"):
-            encode_prompts(processor, [row], [0], max_prompt_length=1024)
+            encode_prompts(family_for(*tiny_parts), [row], [0], max_prompt_length=1024)
 
 
 def test_sampling_settings_are_checked():
@@ -432,7 +433,7 @@ def test_sft_loss_is_cross_entropy_on_the_assistant_tokens_only(tiny_parts, toy_
     row = rows[0]
     longer = {**row, "question": row["question"] + " Look closely at the nuclei and at the stroma around them."}
     longer["prompt"] = build_messages(longer)
-    lengths = encode_prompts(processor, [row, longer], [0, 1], 4096).attention_mask.sum(1).tolist()
+    lengths = encode_prompts(family_for(*tiny_parts), [row, longer], [0, 1], 4096).attention_mask.sum(1).tolist()
     assert lengths[1] > lengths[0]
     with torch.no_grad():
         count_short = int(trainer.encode([row], [0])[2].sum())
@@ -443,7 +444,9 @@ def test_sft_loss_is_cross_entropy_on_the_assistant_tokens_only(tiny_parts, toy_
 def test_sft_targets_cut_to_the_length_limit_are_counted(tiny_parts):
     tokenizer = tiny_parts[1].tokenizer
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    ids, mask, cut = encode_targets(tokenizer, ["<think>a long piece of reasoning</think>", "ok"], "<|im_end|>", 5)
+    family = family_for(*tiny_parts)
+    assert family.end_of_turn_id == end  # read from the chat template
+    ids, mask, cut = encode_targets(family, ["<think>a long piece of reasoning</think>", "ok"], 5)
     assert cut == 1 and ids.shape == (2, 5) and int(ids[0, 4]) == end  # the cut target still ends its turn
     assert mask[1].sum() == len(tokenizer("ok", add_special_tokens=False)["input_ids"]) + 1
 

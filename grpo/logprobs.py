@@ -1,0 +1,182 @@
+"""Log-probs of completions under a model, and the forwards over prompts they are built from.
+
+`group_logprobs` is the trainer's one entry point (policy, old-policy and reference log-probs);
+`completion_logprobs` is the same computation for users, on dataset rows and token-id lists.
+
+A GRPO group shares one prompt (and image) across its G completions, so the work that depends on
+the prompt only is done once where the model family allows it exactly (`Family.fast_path`):
+`with_image_features` runs the frozen vision tower once per image per step and every later forward
+reuses the features; `shared_prefix_logprobs` forwards each prompt once and lets its completions
+attend to the prompt's KV cache, gradients flowing back into the shared prompt once. `plain_logprobs`
+(one forward over prompt + completion per completion) is what every other model runs and what the
+shared path is tested against. Positions always come from the family (3-D mRoPE for the Qwen
+families) and are passed explicitly, so the rollout and every training forward use the same ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .models import Family, family_for, unwrap
+from .prompts import PromptBatch, encode_prompts
+
+
+def vision_kwargs(family: Family, prompts: PromptBatch) -> dict:
+    """Model kwargs for the prompts' images: cached features when present, else the pixels."""
+    if not prompts.has_images:
+        return {}
+    if prompts.image_features is not None:
+        return family.features_kwargs([f for f in prompts.image_features if f is not None])
+    return prompts.pixel_inputs()
+
+
+@torch.no_grad()
+def with_image_features(family: Family, model, prompts: PromptBatch) -> PromptBatch:
+    """`prompts` with each prompt's image features computed once by `model` (no gradient).
+
+    Only valid where the features need no gradient: a frozen vision tower, or forwards without
+    gradient (rollout, old-policy and reference log-probs). Families without a fast path, and
+    prompts without images, are returned as they are.
+    """
+    if not family.fast_path or not prompts.has_images:
+        return prompts
+    features = iter(family.image_features(model, prompts.pixel_inputs(), prompts))
+    return PromptBatch(prompts.input_ids, prompts.attention_mask, prompts.token_types, prompts.image_inputs,
+                       prompts.images_per_prompt, [next(features) if n else None for n in prompts.images_per_prompt])
+
+
+def prefill(family: Family, model, prompts: PromptBatch, logits_to_keep: int = 1):
+    """One forward over the prompts keeping their KV cache and last logits; also their positions."""
+    positions = family.positions(model, prompts.input_ids, prompts.token_types, prompts.pixel_inputs(),
+                                 prompts.attention_mask)
+    out = model(
+        input_ids=prompts.input_ids,
+        attention_mask=prompts.attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        **family.forward_kwargs(prompts.token_types),
+        **vision_kwargs(family, prompts),
+    )
+    return out, positions
+
+
+def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) at `ids`, [N, C] fp32, one row at a time (no [N, C, V] fp32 tensor)."""
+    rows = []
+    for row_logits, row_ids in zip(logits, ids):
+        row_logits = row_logits.float() / temperature
+        chosen = row_logits.gather(-1, row_ids[:, None]).squeeze(-1)
+        rows.append(chosen - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def plain_logprobs(family: Family, model, prompts: PromptBatch, completion_ids: torch.Tensor,
+                   completion_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs [N, C] (fp32) of each completion token, from one forward over prompt + completion.
+
+    `prompts` holds one prompt per completion (use `PromptBatch.select`). Logits are divided by the
+    sampling temperature; only the chosen tokens' log-probs are gathered.
+    """
+    input_ids = torch.cat([prompts.input_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask.dtype)], dim=1)
+    token_types = torch.cat([prompts.token_types, torch.zeros_like(completion_ids)], dim=1)
+    positions = family.positions(model, input_ids, token_types, prompts.pixel_inputs(), attention_mask)
+    length = completion_ids.shape[1]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=False,
+        logits_to_keep=length + 1,
+        **family.forward_kwargs(token_types),
+        **vision_kwargs(family, prompts),
+    )
+    # The logits at position t predict completion token t.
+    return gather_logprobs(out.logits[:, :-1], completion_ids, temperature)
+
+
+def shared_prefix_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: list[int],
+                           completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """`plain_logprobs` with each prompt forwarded once for all the completions that continue it.
+
+    `prompts` holds the distinct prompts; completion i continues prompt `prompt_index[i]`. The prompt
+    forward keeps its KV cache, which is indexed out to the completions (an autograd-tracked copy, so
+    the completions' gradients add up in the shared prompt); the completion forward attends to it
+    with the rollout's positions. The last completion token is never fed: nothing it predicts is scored.
+    """
+    device = completion_ids.device
+    out, positions = prefill(family, model, prompts)
+    rep = torch.as_tensor(prompt_index, device=device)
+    first = gather_logprobs(out.logits[rep], completion_ids[:, :1], temperature)  # [N, 1]
+    length = completion_ids.shape[1]
+    if length == 1:
+        return first
+    cache = family.cache_of(out)
+    family.select_cache(cache, rep)
+    attention_mask = torch.cat([prompts.attention_mask[rep], completion_mask[:, :-1].to(prompts.attention_mask.dtype)], dim=1)
+    out = model(
+        input_ids=completion_ids[:, :-1],
+        attention_mask=attention_mask,
+        position_ids=family.continuation_positions(family.next_position(positions)[rep], length - 1),
+        **family.forward_kwargs(torch.zeros_like(completion_ids[:, :-1])),
+        **family.cache_kwargs(model, cache),
+    )
+    rest = gather_logprobs(out.logits, completion_ids[:, 1:], temperature)  # [N, C - 1]
+    return torch.cat([first, rest], dim=1)
+
+
+def _checkpointing(model) -> bool:
+    """Whether gradient checkpointing is on (it turns the KV cache off, so the shared path cannot run)."""
+    module = unwrap(model)
+    name = "is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(module, name, False)) and module.training
+
+
+def group_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: list[int], completion_ids: torch.Tensor,
+                   completion_mask: torch.Tensor, temperature: float = 1.0, shared_prefix: bool = True) -> torch.Tensor:
+    """Log-probs [N, C] of completions under `model`; completion i continues prompt `prompt_index[i]`.
+
+    The shared-prefix path runs when asked, when the family has an exact one, and without gradient
+    checkpointing; otherwise the plain path (one prompt copy per completion).
+    """
+    if shared_prefix and family.fast_path and not _checkpointing(model):
+        return shared_prefix_logprobs(family, model, prompts, prompt_index, completion_ids, completion_mask, temperature)
+    return plain_logprobs(family, model, prompts.select(list(prompt_index)), completion_ids, completion_mask, temperature)
+
+
+def completion_logprobs(model, processor, rows: list[dict], completion_ids: list[list[list[int]]], *,
+                        temperature: float = 1.0, shared_prefix: bool = True,
+                        max_prompt_length: int = 1 << 20) -> list[list[torch.Tensor]]:
+    """Per-token log-probs of completions continuing dataset rows, as the trainer computes them.
+
+    `rows`: dataset rows (`prompt` chat messages, `image` / `images`); `completion_ids[i]`: a list of
+    completions (lists of token ids, any lengths, at least one token each) continuing `rows[i]`.
+    Returns, per row and completion, a 1-D float32 tensor with the log-prob of each of its tokens
+    under `model` (logits divided by `temperature`). Runs with gradient when grad mode is on.
+    """
+    if len(completion_ids) != len(rows):
+        raise ValueError(f"{len(completion_ids)} lists of completions for {len(rows)} rows")
+    family = family_for(model, processor, quiet=True)
+    device = next(unwrap(model).parameters()).device
+    prompts = encode_prompts(family, rows, list(range(len(rows))), max_prompt_length).to(device)
+    if shared_prefix:
+        prompts = with_image_features(family, model, prompts)
+    flat = [(i, list(ids)) for i, group in enumerate(completion_ids) for ids in group]
+    if not flat:
+        return [[] for _ in rows]
+    for i, ids in flat:
+        if not ids:
+            raise ValueError(f"row {i}: an empty completion (no token to score)")
+    width = max(len(ids) for _, ids in flat)
+    ids = torch.full((len(flat), width), family.pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for k, (_, row_ids) in enumerate(flat):
+        ids[k, : len(row_ids)] = torch.tensor(row_ids, device=device)
+        mask[k, : len(row_ids)] = 1
+    logprobs = group_logprobs(family, model, prompts, [i for i, _ in flat], ids, mask, temperature, shared_prefix)
+    result = [[] for _ in rows]
+    for k, (i, row_ids) in enumerate(flat):
+        result[i].append(logprobs[k, : len(row_ids)])
+    return result

@@ -1,0 +1,45 @@
+"""Model families: one module each, behind the one interface of `base.Family`.
+
+`family_for(model, processor)` picks the module for the model's `model_type`; a model of no known
+family gets `Family` itself, the plain path, and a one-line notice saying what it lacks. Adding a
+family is one new module here: a `Family` subclass listed in `FAMILY_CLASSES`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .base import Family, inner_model, text_config, unwrap
+from .gemma3 import Gemma3Family
+from .internvl import InternVLFamily
+from .qwen2_vl import Qwen2VLFamily
+from .qwen3_5 import Qwen3_5Family
+from .qwen3_vl import Qwen3VLFamily
+
+FAMILY_CLASSES = (Qwen2VLFamily, Qwen3VLFamily, Qwen3_5Family, Gemma3Family, InternVLFamily)
+_BY_MODEL_TYPE = {model_type: cls for cls in FAMILY_CLASSES for model_type in cls.model_types}
+
+
+def family_for(model, processor, *, quiet: bool = False) -> Family:
+    """The family object for `model` (a DeepSpeed engine is looked through) and its processor.
+
+    A model of no known family runs the plain path, said once on stderr unless `quiet`.
+    A model the plain path cannot run either (no causal-LM head) is refused.
+    """
+    module = unwrap(model)
+    model_type = getattr(module.config, "model_type", None)
+    cls = _BY_MODEL_TYPE.get(model_type)
+    if cls is None:
+        if not hasattr(module, "get_output_embeddings") or module.get_output_embeddings() is None:
+            raise ValueError(f"{type(module).__name__} (model_type {model_type!r}) has no language-model head: "
+                             f"GRPO needs a model that predicts the next token (AutoModelForImageTextToText or "
+                             f"AutoModelForCausalLM)")
+        cls = Family
+    family = cls(module, processor)
+    if family.lacks and not quiet:
+        print(f"[grpo] {type(module).__name__} (model_type {model_type!r}): {family.lacks}; training on the plain path",
+              file=sys.stderr)
+    return family
+
+
+__all__ = ["FAMILY_CLASSES", "Family", "family_for", "inner_model", "text_config", "unwrap"]

@@ -1,0 +1,134 @@
+"""Sampling G completions per prompt with a KV cache, and decoding them to text.
+
+`SamplingParams` is the one record of how tokens are drawn (the trainer's rollout, evaluation's
+greedy decoding and users' own calls all pass one). `generate` prefills each prompt once and
+repeats its cache G times where the family allows it (otherwise each of the G copies is prefilled),
+then samples token by token until every completion has ended with one of the family's end-of-turn
+ids; the family's vision special tokens are never sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .distributed import any_rank
+from .logprobs import prefill
+from .models import Family
+from .prompts import PromptBatch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completion tokens are drawn."""
+
+    max_new_tokens: int = 1024  # tokens per completion; a completion without EOS by then is truncated
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # only the k most likely tokens (0 = off)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"sampling needs temperature >= 0, top_p in (0, 1] and top_k >= 0; got temperature="
+                             f"{self.temperature}, top_p={self.top_p}, top_k={self.top_k}")
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor:
+    """One token per row from [N, V] logits."""
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > params.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Completions:
+    """G sampled completions per prompt, prompt-major: completion i belongs to prompt i // G."""
+
+    ids: torch.Tensor  # [N, C] pad after EOS
+    mask: torch.Tensor  # [N, C] 1 up to and including EOS
+    truncated: torch.Tensor  # [N] bool: no EOS within max_new_tokens
+
+
+@torch.no_grad()
+def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams, *, group_size: int = 1,
+             generator: torch.Generator | None = None, synced: bool = False) -> Completions:
+    """Sample `group_size` completions per prompt (N = B * group_size), prompt-major.
+
+    Fast-path families prefill each prompt once (the vision tower not at all when `prompts` carries
+    cached features) and repeat its cache G times; the others prefill each copy. `synced` (needed
+    under DeepSpeed ZeRO-3, where every forward gathers parameters collectively) keeps all
+    processes decoding until the last one is done, so a process whose completions end early does
+    not leave the others hanging.
+    """
+    device = prompts.input_ids.device
+    if family.fast_path:
+        out, positions = prefill(family, model, prompts)
+        cache = family.cache_of(out)
+        family.repeat_cache(cache, group_size)
+        logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # [N, V]
+        attention_mask = prompts.attention_mask.repeat_interleave(group_size, 0)
+        next_position = family.next_position(positions).repeat_interleave(group_size, 0)  # [N]
+    else:
+        copies = prompts.select([i for i in range(len(prompts)) for _ in range(group_size)])
+        out, positions = prefill(family, model, copies)
+        cache = family.cache_of(out)
+        logits = out.logits[:, -1].float()
+        attention_mask = copies.attention_mask
+        next_position = family.next_position(positions)
+    n = logits.shape[0]
+    eos = torch.tensor(family.eos_ids, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    no_types = torch.zeros(n, 1, dtype=torch.long, device=device)
+    tokens = []
+    for step in range(params.max_new_tokens):
+        if family.forbidden_ids:
+            logits[:, family.forbidden_ids] = float("-inf")
+        token = sample_tokens(logits, params, generator)
+        token = torch.where(finished, torch.full_like(token, family.pad_id), token)
+        tokens.append(token)
+        finished = finished | torch.isin(token, eos)
+        done = bool(finished.all())
+        if synced:
+            done = not any_rank(not done, device)
+        if done or step == params.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            position_ids=family.continuation_positions(next_position + step, 1),
+            **family.forward_kwargs(no_types),
+            **family.cache_kwargs(model, cache),
+        )
+        cache = family.cache_of(out)
+        logits = out.logits[:, -1].float()
+    ids = torch.stack(tokens, dim=1)  # [N, C]
+    is_eos = torch.isin(ids, eos)
+    # 1 on every token up to and including the first EOS (all tokens when there is none).
+    mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+    return Completions(ids=ids, mask=mask.long(), truncated=~is_eos.any(1))
+
+
+def decode_completions(family: Family, completions: Completions) -> list[str]:
+    """Decode without skipping special tokens (the <think>/<answer> tags may be special), minus EOS/pad."""
+    strip = set(family.eos_ids) | {family.pad_id}
+    return [
+        family.tokenizer.decode([t for t, m in zip(row, row_mask) if m and t not in strip], skip_special_tokens=False)
+        for row, row_mask in zip(completions.ids.tolist(), completions.mask.tolist())
+    ]
