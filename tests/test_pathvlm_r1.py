@@ -252,3 +252,38 @@ def test_summary_and_tables_count_exact_matches_and_show_partial_runs(tmp_path):
     assert "| m2 | 50.00 (2/4 items) | - | 100.00 (2/4 items) |" in text
     assert "| m3 | - | - | - |" in text
     assert "| m1 | 100.00 (1/2 items) (80.00) |" in text
+
+
+@pytest.mark.parametrize("lineage, family", [("qwen3vl_8b", "qwen3_vl"), ("medgemma_4b", "gemma3")])
+def test_the_qwen3_vl_and_medgemma_lineages_run_alpha_beta_r1(workdir, monkeypatch, judge_url, lineage, family):
+    """The shipped Qwen3-VL-8B and MedGemma-4B configs, on a tiny model of that family: they chain as the
+    7B lineage does and differ from it only in the model, the image budget and the output paths."""
+    from grpo.tiny import build_tiny_model_and_processor
+
+    monkeypatch.chdir(workdir)
+    if not (workdir / "splits" / "pathmmu_paper_seed0.json").exists():
+        script("split").main(["--sizes", "12", "6", "6", "--on-bad-item", "skip"])
+    tiny = workdir / f"tiny_{family}"
+    model, processor = build_tiny_model_and_processor(seed=0, family=family, min_pixels=3136, max_pixels=3136)
+    model.save_pretrained(str(tiny))
+    processor.save_pretrained(str(tiny))
+    previous = None
+    for stage, kind in STAGES[:3]:
+        config_path = os.path.join(CONFIGS, f"{stage}_{lineage}.yaml")
+        config, paper = load_yaml(config_path), load_yaml(os.path.join(CONFIGS, f"{stage}_7b.yaml"))
+        assert config[kind]["output_dir"] == f"runs/pathvlm_r1/{lineage}/{stage}"
+        for values in (config, paper):
+            values.pop("model"), values[kind].pop("output_dir"), values["data"].pop("max_pixels")
+        assert config == paper
+        overrides = SMALL[kind] + DATA + ([f"model={tiny}"] if stage == "alpha" else [])
+        if stage == "r1":
+            overrides += [f"judge.base_url={judge_url}", "judge.api_key=not-a-secret"]
+        trainer = (script("sft") if kind == "sft" else script("grpo")).main(
+            ["--config", config_path, *[f"--set={o}" for o in overrides]])
+        assert trainer.family.name == family
+        output_dir = f"runs/pathvlm_r1/{lineage}/{stage}"
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            assert [json.loads(line)["step"] for line in f] == [1, 2]
+        if previous:  # each stage starts from the one before it
+            assert same_weights(checkpoint_weights(os.path.join(previous, "checkpoint-2")), weights(trainer.ref_model))
+        previous = output_dir
