@@ -45,7 +45,9 @@ MICRO = 2  # completions per micro-batch
 def tiny():
     rows = to_prompt_rows(make_toy_dataset(16, seed=0, image_size=56), source="toy")
     corpus = [row["question"] + " " + " ".join(row["options"]) + " " + row["explanation"] for row in rows]
-    model, processor = build_tiny_model_and_processor(corpus=corpus, seed=0, min_pixels=56 * 56, max_pixels=56 * 56)
+    # TINY_FAMILY: the model family to run (tests/test_distributed.py runs one other than the default).
+    model, processor = build_tiny_model_and_processor(corpus=corpus, seed=0, min_pixels=56 * 56, max_pixels=56 * 56,
+                                                      family=os.environ.get("TINY_FAMILY", "qwen2_5_vl"))
     return model, processor, rows
 
 

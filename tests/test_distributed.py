@@ -23,9 +23,10 @@ VOLATILE = {"step_time", "tokens_per_sec"}
 pytest.importorskip("deepspeed")
 
 
-def launch(scenarios: str, zero: str, out_dir, processes: int = 2, timeout: int = 300) -> None:
+def launch(scenarios: str, zero: str, out_dir, processes: int = 2, timeout: int = 300, family: str = "qwen2_5_vl") -> None:
     # PYTHONFAULTHANDLER: a worker killed by a signal prints its Python stack into the failure message.
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+           "TINY_FAMILY": family}
     if processes == 1:
         command = [sys.executable, WORKER, scenarios, zero, str(out_dir)]
         env.pop("WORLD_SIZE", None)
@@ -92,6 +93,22 @@ def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single
         # A judge's counters from both processes: requests 1 + 2, latency the mean, a mean only rank 0 has.
         merged = json.loads((tmp_path / "stats.json").read_text())
         assert merged == {"counter/requests": 3, "counter/latency_p50": pytest.approx(0.15), "counter/integrity_mean": 0.5}
+
+
+def test_zero3_on_qwen3_vl_updates_like_one_process_and_decodes_unevenly(tmp_path):
+    """Another family under ZeRO-3: Qwen3-VL's cached image features carry its DeepStack features
+    through the sharded model; 2 processes x 2 prompts make the 1 x 4 update."""
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    launch("update", "none", tmp_path / "one", processes=1, family="qwen3_vl")
+    launch("update,uneven", "zero3", tmp_path / "two", family="qwen3_vl")
+    one, two = (json.loads((tmp_path / d / "update.json").read_text()) for d in ("one", "two"))
+    for loss_type in ("grpo", "dapo"):
+        a, b = one[loss_type]["stats"], two[loss_type]["stats"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6) and a["grad_norm"] > 0.1
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert_same_update(tmp_path / "one", tmp_path / "two", loss_type)
+    uneven = json.loads((tmp_path / "two" / "uneven.json").read_text())["per_rank"]
+    assert [r["lengths"] for r in uneven] == [[1, 1], [12, 12]] and all(r["ref_logprobs_finite"] for r in uneven)
 
 
 def test_zero3_run_resumes_exactly_and_saves_plain_transformers_checkpoints(tmp_path):
