@@ -12,7 +12,6 @@ One training step:
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -28,8 +27,9 @@ from .logprobs import group_logprobs, with_image_features
 from .prompts import PromptBatch, encode_prompts
 from .sampling import SamplingParams, decode_completions, generate
 from .scoring import call_reward_functions, combine_rewards, reward_columns, reward_name, reward_stats
+from .tracking import MetricsLog, require_trackers
 from .training import (
-    JsonlLog, Progress, load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, rows_for_step,
+    load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, rows_for_step,
     save_checkpoint, seed_everything, setup_processes, start_output_dir, vision_modules_equal,
 )
 
@@ -89,8 +89,10 @@ class GRPOConfig(ConfigMixin):
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     overwrite_output_dir: bool = False  # a fresh run may replace the results of an earlier run in output_dir
+    report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard | wandb | mlflow
 
     def __post_init__(self):
+        self.report_to = require_trackers(self.report_to)
         if self.group_size < 2:
             raise ValueError(f"group_size must be at least 2 (got {self.group_size}): advantages compare within a group")
         completions = self.prompts_per_step * self.group_size
@@ -116,6 +118,10 @@ class GRPOConfig(ConfigMixin):
         """How the rollout draws its completions."""
         return SamplingParams(max_new_tokens=self.max_completion_length, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k)
+
+
+# The progress line: label -> metrics key (the eval accuracy shows its last value between evaluations).
+PROGRESS_SHOWN = {"reward": "reward", "kl": "kl", "eval acc": "eval/accuracy"}
 
 
 @dataclass
@@ -302,9 +308,7 @@ class Trainer:
         start_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         main = is_main_process()
         start = self.step if resume else None
-        metrics_log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), start) if main else None
-        samples_log = JsonlLog(os.path.join(cfg.output_dir, "completions.jsonl"), start) if main else None
-        progress = Progress(cfg.max_steps, self.step, "grpo") if main else None
+        metrics_log = MetricsLog(cfg, start, "grpo", PROGRESS_SHOWN, completions=True) if main else None
         history = []
         rank, _ = world()
         while self.step < cfg.max_steps:
@@ -324,10 +328,11 @@ class Trainer:
             history.append(record)
             if main:
                 metrics_log.write(record)
-                self._log_samples(samples_log, batch, rewards, advantages)
-                progress.update(self.step, reward=record["reward"], kl=record["kl"])
+                self._log_samples(metrics_log, batch, rewards, per_func, advantages)
             if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.max_steps:
                 self.save(self.step)
+        if main:
+            metrics_log.close()
         return history
 
     def evaluate(self) -> dict[str, float]:
@@ -371,8 +376,12 @@ class Trainer:
         })
         return record
 
-    def _log_samples(self, log: JsonlLog, batch: Rollout, rewards, advantages) -> None:
+    def _log_samples(self, log: MetricsLog, batch: Rollout, rewards, per_func, advantages) -> None:
+        names = [reward_name(func) for func in self.reward_funcs]
+        samples = []
         for i in range(min(self.config.log_completions, len(batch.texts))):
             row = batch.rows[i // self.config.group_size]
-            log.write({"step": self.step, "id": row.get("id"), "completion": batch.texts[i],
-                       "reward": rewards[i].item(), "advantage": advantages[i].item()})
+            each = {name: None if value.isnan() else value.item() for name, value in zip(names, per_func[:, i])}
+            samples.append({"id": row.get("id"), "completion": batch.texts[i], "reward": rewards[i].item(),
+                            "rewards": each, "advantage": advantages[i].item()})
+        log.write_completions(self.step, samples)

@@ -210,7 +210,7 @@ class Progress:
         done = step - self.start
         rate = (time.time() - self.t0) / max(1, done)
         eta = rate * (self.total - step)
-        shown = " ".join(f"{k} {v:.3f}" for k, v in values.items())
+        shown = " ".join(f"{k} {v:.0f}" if abs(v) >= 100 else f"{k} {v:.3f}" for k, v in values.items())
         line = f"[{self.label}] step {step}/{self.total} {shown} | {rate:.2f} s/step | ETA {eta / 60:.1f} min"
         if self.tty:
             sys.stderr.write("\r" + line + ("\n" if step == self.total else ""))
