@@ -1,0 +1,22 @@
+"""Loaders and system prompts by name, for config files (`python -m grpo`, README "The command line").
+
+A loader returns rows (id, image or images, question, options, solution, ...); its keyword arguments are
+the settings a config gives it. A new loader or prompt is one line here.
+"""
+
+from data.jsonl import load_jsonl
+from data.omnimedvqa import load_omnimedvqa
+from data.pathmmu import load_pathmmu
+from data.prompts import SYSTEM_PROMPT
+from data.toy import make_toy_dataset
+
+LOADERS = {
+    "jsonl": load_jsonl,  # your own data: path, on_bad_item, min_pixels, max_pixels
+    "pathmmu": load_pathmmu,  # root, subsets, splits, ...
+    "omnimedvqa": load_omnimedvqa,  # root, datasets, ...
+    "toy": make_toy_dataset,  # the synthetic pathology set: n, seed, image_size, families
+}
+
+SYSTEM_PROMPTS = {
+    "pathology": SYSTEM_PROMPT,  # the paper's
+}
