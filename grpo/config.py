@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
+import re
 import types
 import typing
 
@@ -53,6 +55,31 @@ def load_yaml(path: str) -> dict:
     if parent is None:
         return values
     return merge(load_yaml(os.path.join(os.path.dirname(os.path.abspath(path)), parent)), values)
+
+
+def save_yaml(values: dict, path: str) -> None:
+    """`values` as a YAML file (keys in their order), e.g. a run's resolved config beside its checkpoints."""
+    import yaml
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """field -> its one-line doc: the comment after the field in the class's source, else the first sentence
+    of a comment block of several lines just above it (a one-line comment above is a section heading)."""
+    docs, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        match = re.match(r"(\w+): [^#]*?(?:#\s*(.*))?$", text) if line.startswith("    ") and not line.startswith("     ") else None
+        if match and not text.startswith(("def ", "return")):
+            docs[match.group(1)] = match.group(2) or (" ".join(above).split(". ")[0] if len(above) > 1 else "")
+        above = []
+    return docs
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -275,6 +275,16 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
 
 
+def resolve_model(path: str) -> str:
+    """A hub name or a model directory as is; a training run's output_dir -> its latest checkpoint."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path} holds no checkpoint (nor a config.json): run the stage that writes it first")
+    return found[-1]
+
+
 def resolve_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:
     if not resume_from_checkpoint:
         return None

@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from data import load_pathmmu, select_part, to_prompt_rows  # noqa: E402
 from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
 from data.pathmmu import PAPER_SUBSETS, SPLITS  # noqa: E402
-from grpo.config import apply_overrides, check_keys, load_yaml  # noqa: E402
-from grpo.training import list_checkpoints, load_model, load_processor  # noqa: E402
+from grpo.config import apply_overrides, check_keys, load_yaml, save_yaml  # noqa: E402
+from grpo.training import load_model, load_processor, resolve_model  # noqa: E402
 
 # The `data:` section: where PathMMU lives, which frozen split part to use, and the image budget.
 DATA_DEFAULTS = {
@@ -64,16 +64,6 @@ def load_part(data: dict, source: str) -> list[dict]:
     return to_prompt_rows(part, source=f"{data['manifest']} part {data['part']}")
 
 
-def resolve_model(path: str) -> str:
-    """A hub name or a model directory as is; a training run's output directory -> its latest checkpoint."""
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    found = list_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path} holds no checkpoint: run the stage that writes it first (see the README)")
-    return found[-1]
-
-
 def load_policy(path: str, dtype: str, device=None):
     """Model and processor from a hub name, a model directory or a run.
 
@@ -97,8 +87,4 @@ def load_policy(path: str, dtype: str, device=None):
 
 def save_run_config(config: dict, output_dir: str) -> None:
     """The resolved config next to the run's checkpoints: what was run, overrides included."""
-    import yaml
-
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "run_config.yaml"), "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
+    save_yaml(config, os.path.join(output_dir, "run_config.yaml"))
