@@ -305,3 +305,81 @@ def test_metrics_per_benchmark_and_answer_type():
     with pytest.raises(ValueError, match="3 predictions for 4 rows"):
         vqa_metrics(predictions[:3], rows)
     assert format_reward(None, predictions) == [1.0] * 4
+
+
+# ---------------------------------------------------------------- Hugging Face datasets as input
+
+
+@pytest.fixture
+def image_opens(monkeypatch):
+    """How many times an image file is opened (decoded), by any path: PIL.Image.open counts them all."""
+    opened = []
+    real_open = Image.open
+
+    def counting_open(*args, **kwargs):
+        opened.append(args[0])
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    return opened
+
+
+def hf_dataset(n: int, decode: bool = True):
+    """A `datasets.Dataset` of `n` closed rows with an Image column, as `Dataset.from_list(rows)` of
+    loader rows would give (the prompt column stored as chat messages)."""
+    import io
+
+    import datasets
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 120, 180)).save(buffer, format="PNG")
+    row = {"image": {"bytes": buffer.getvalue(), "path": None}, "question": "Is there a lesion?", "solution": "yes",
+           "answer_type": "closed"}
+    prompt = build_messages(row, MEDICAL_SYSTEM_PROMPT)
+    columns = {"id": [f"hf/{k}" for k in range(n)], "image": [row["image"]] * n, "prompt": [prompt] * n,
+               "solution": ["yes" if k % 2 else "no" for k in range(n)], "answer_type": ["closed"] * n,
+               "completion": [sft_target(row)] * n}
+    features = datasets.Features({
+        "id": datasets.Value("string"), "image": datasets.Image(decode=decode),
+        "prompt": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "solution": datasets.Value("string"), "answer_type": datasets.Value("string"), "completion": datasets.Value("string")})
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def test_a_1000_row_dataset_starts_grpo_opening_only_the_first_steps_images(tiny_parts, tmp_path, image_opens):
+    import copy
+
+    from grpo import GRPOConfig, Trainer
+
+    dataset = hf_dataset(1000)
+    model, processor = tiny_parts
+    config = GRPOConfig(output_dir=str(tmp_path), group_size=2, prompts_per_step=2, completions_per_micro_batch=4,
+                        max_completion_length=4, max_steps=1, save_steps=0, beta=0.0, seed=0)
+    trainer = Trainer(copy.deepcopy(model), processor, [answer_reward, format_reward], dataset, config)
+    assert image_opens == []  # validating 1,000 prompts read the prompt column only
+    history = trainer.train()
+    assert len(image_opens) == 2  # the step's 2 prompts, each image decoded once
+    assert history[0]["step"] == 1 and history[0]["rewards/answer_reward/mean"] is not None
+
+
+def test_sft_and_evaluate_take_a_dataset_with_undecoded_image_columns(tiny_parts, tmp_path, image_opens):
+    import copy
+
+    from grpo import SFTConfig, SFTTrainer, evaluate
+
+    dataset = hf_dataset(1000, decode=False)  # rows hold {bytes, path}: grpo.prompts.load_image decodes them
+    model, processor = tiny_parts
+    trainer = SFTTrainer(copy.deepcopy(model), processor, dataset, SFTConfig(
+        output_dir=str(tmp_path / "sft"), batch_size=2, micro_batch_size=2, max_steps=1, save_steps=0))
+    assert image_opens == []
+    trainer.train()
+    assert len(image_opens) == 2
+    # Evaluation reads the ids from the id column; resuming with 998 finished, only 2 images are opened.
+    out = tmp_path / "eval.jsonl"
+    out.write_text("".join(json.dumps({"id": f"hf/{k}", "completion": "", "tokens": 1, "truncated": False,
+                                       "answer_reward": 0.0, "format_reward": 0.0}) + "\n" for k in range(998)))
+    image_opens.clear()
+    result = evaluate(model, processor, dataset, [answer_reward, format_reward], max_completion_length=4,
+                      output_path=str(out), resume=True)
+    assert len(image_opens) == 2 and len(result["records"]) == 1000
+    assert [r["id"] for r in result["records"][-2:]] == ["hf/998", "hf/999"]
