@@ -85,8 +85,10 @@ def load_parquet_vqa(root: str, benchmark: str, splits, on_bad_item: str = "erro
     rows over its shards in name order. An answer "yes" or "no" (any case, a final period allowed)
     makes a closed row with solution "yes" / "no"; any other answer an open row.
     """
-    import pyarrow.parquet as pq
-
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as error:
+        raise ImportError(f"{benchmark}: reading parquet shards needs pyarrow: pip install -e '.[medvqa]'") from error
     checker = ItemChecker(on_bad_item, min_pixels, max_pixels, verify_images)
     rows = []
     for split in splits:

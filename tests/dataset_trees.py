@@ -215,9 +215,14 @@ def write_medxpertqa_mm(root: str) -> list[dict]:
     return items
 
 
-def write_medvqa(root: str) -> dict[str, str]:
-    """All five benchmarks under `root`; returns each one's root."""
-    roots = {name: os.path.join(root, name) for name in ("vqa_rad", "pathvqa", "slake", "pmc_vqa", "medxpertqa_mm")}
+# The folders examples/medvqa/configs/*.yaml expect under data/.
+MEDVQA_FOLDERS = {"vqa_rad": "vqa-rad", "pathvqa": "path-vqa", "slake": "Slake1.0", "pmc_vqa": "PMC-VQA",
+                  "medxpertqa_mm": "MedXpertQA"}
+
+
+def write_medvqa(data_dir: str) -> dict[str, str]:
+    """All five benchmarks under `data_dir`, in the folders the shipped configs name; returns each one's root."""
+    roots = {name: os.path.join(data_dir, folder) for name, folder in MEDVQA_FOLDERS.items()}
     write_parquet_vqa(roots["vqa_rad"], "vqa_rad")
     write_parquet_vqa(roots["pathvqa"], "pathvqa")
     write_slake(roots["slake"])

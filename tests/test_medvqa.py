@@ -41,9 +41,10 @@ def test_vqa_rad_reads_the_parquet_shards_and_types_yes_no_answers_closed(trees)
     root, splits = trees["vqa_rad"]
     rows = load_vqa_rad(root)
     assert all(set(row) == FIELDS for row in rows)
-    assert [(row["question"], row["solution"], row["answer_type"]) for row in rows] == [
-        ("Is there evidence of a pneumothorax?", "no", "closed"), ("Is the heart enlarged?", "yes", "closed"),
-        ("Which side is the lesion on?", "right", "open"), ("What imaging modality is this?", "x-ray", "open")]
+    assert [q for q, _ in VQA_RAD_TEST] == [row["question"] for row in rows]
+    # "no", "Yes" -> closed, written in lower case; "right", "x-ray" -> open, as in the file.
+    assert [(row["solution"], row["answer_type"]) for row in rows] == [
+        ("no", "closed"), ("yes", "closed"), ("right", "open"), ("x-ray", "open")]
     assert [row["id"] for row in rows] == [f"vqa_rad/test/{k}" for k in range(4)]
     assert {row["benchmark"] for row in rows} == {"vqa_rad"} and rows[0]["options"] is None and rows[0]["images"] is None
     assert len(load_vqa_rad(root, splits=("train", "test"))) == 6
