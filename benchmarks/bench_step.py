@@ -142,6 +142,7 @@ def main() -> None:
 
     sides = ["ours", args.against] + (["ours-plain"] if args.with_plain else [])
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    machine = common.machine()  # before the runs: its load average is the one the runs started under
     results = {side: [] for side in sides}
     errors = {}  # side -> the end of its worker's error; it is not run again
     with tempfile.TemporaryDirectory() as model_dir:
@@ -175,7 +176,7 @@ def main() -> None:
                      "freeze_vision_tower": True, "gradient_checkpointing": False, "eos_suppressed": True,
                      "rounds": args.rounds, "timed_steps_per_round": args.steps, "warmup_steps_per_round": args.warmup,
                      "threads": args.threads},
-        "started": started, "machine": common.machine(),
+        "started": started, "machine": machine,
     }
     ours = summary("ours")
     report.update({"ours_step_s_median": ours["step_s_median"], "ours_peak_rss_mib": ours["peak_rss_mib"],
