@@ -94,7 +94,7 @@ def plot_runs(runs: list[str], output: str, names: list[str] | None = None):
             steps, values = _series(records, key)
             if steps:
                 sparse = key.startswith("eval/")  # evaluated every eval_steps: markers show the points
-                ax.plot(steps, values, color=colours[name], label=name + suffix, marker="o" if sparse else None,
+                ax.plot(steps, values, color=colours[name], label=name + suffix, marker="o" if sparse or len(steps) == 1 else None,
                         linestyle="--" if sparse else "-", markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -170,6 +170,34 @@ def test_sft_reports_its_metrics_to_tensorboard(tiny_parts, toy_rows, tmp_path):
         assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(key)] == points, key
 
 
+def test_a_resumed_run_continues_its_tracker_runs(tmp_path, monkeypatch):
+    """Resumed from step 1, the TensorBoard curve is the resumed run's (the old steps 2-3 dropped) and the
+    metrics reach the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    cfg = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=3, report_to=["tensorboard", "mlflow"])
+    first = tracking.MetricsLog(cfg, None, "sft", {"loss": "loss"})
+    for step in (1, 2, 3):
+        first.write({"step": step, "loss": float(step)})
+    first.close(failed=True)  # the run that crashed after step 3, its last checkpoint at step 1
+    again = tracking.MetricsLog(cfg, 1, "sft", {"loss": "loss"})
+    for step in (2, 3):
+        again.write({"step": step, "loss": 10.0 * step})
+    again.close()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 20.0), (3, 30.0)]
+    assert [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1.0, 20.0, 30.0]
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("pathgrpo").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")][-2:] == [(2, 20.0), (3, 30.0)]
+
+
 class FailingTracker:
     """Fails at its second record, as a tracker whose server went away."""
 
