@@ -26,6 +26,7 @@ from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
 from .evaluate import evaluate
 from .logprobs import group_logprobs, with_image_features
 from .prompts import PromptBatch, encode_prompts
+from .resilience import STOP_SIGNALS, RunGuard, check_guard_settings
 from .sampling import SamplingParams, decode_completions, generate
 from .scoring import call_reward_functions, combine_rewards, reward_columns, reward_name, reward_stats
 from .training import (
@@ -89,8 +90,12 @@ class GRPOConfig(ConfigMixin):
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     overwrite_output_dir: bool = False  # a fresh run may replace the results of an earlier run in output_dir
+    # long runs (grpo/resilience.py): a stop signal finishes the step, checkpoints and exits with EXIT_PREEMPTED
+    stop_signals: tuple[str, ...] = STOP_SIGNALS
+    max_consecutive_bad_steps: int = 3  # updates with a non-finite loss / grad norm are skipped; this many in a row stop
 
     def __post_init__(self):
+        check_guard_settings(self)
         if self.group_size < 2:
             raise ValueError(f"group_size must be at least 2 (got {self.group_size}): advantages compare within a group")
         completions = self.prompts_per_step * self.group_size
@@ -179,6 +184,7 @@ class Trainer:
                                 micro_batches_per_update=local_completions // cfg.completions_per_micro_batch,
                                 micro_batch_size=cfg.completions_per_micro_batch)
         self.step = 0
+        self.guard = RunGuard(cfg, self.device, "grpo")
 
     @property
     def policy(self):
@@ -295,10 +301,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> list[dict]:
+        """Run to max_steps; a stop signal ends it after a step with a checkpoint (raises Preempted)."""
+        with self.guard:
+            return self._train()
+
+    def _train(self) -> list[dict]:
         cfg = self.config
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume:
-            self.step = load_checkpoint(resume, self.opt)["step"]
+            state = load_checkpoint(resume, self.opt)
+            self.step = state["step"]
+            self.guard.load_state(state)
         start_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         main = is_main_process()
         start = self.step if resume else None
@@ -317,6 +330,8 @@ class Trainer:
             stats = self.update(batch, advantages)
             self.step += 1
             record = self._metrics(batch, rewards, per_func, stats, time.time() - t0)
+            record.update(self.guard.end_step(self.step, self.opt, {k: stats[k] for k in ("loss", "grad_norm")},
+                                              rows, row_indices))
             # Reward-side counters are read before evaluation, so they count this step's training calls only.
             record.update(reward_stats(self.reward_funcs))
             if cfg.eval_steps and self.eval_dataset is not None and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps):
@@ -326,8 +341,10 @@ class Trainer:
                 metrics_log.write(record)
                 self._log_samples(samples_log, batch, rewards, advantages)
                 progress.update(self.step, reward=record["reward"], kl=record["kl"])
+            saved = None
             if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.max_steps:
-                self.save(self.step)
+                saved = self.save(self.step)
+            self.guard.finish_step(self.step, saved, self.save)
         return history
 
     def evaluate(self) -> dict[str, float]:
@@ -339,8 +356,8 @@ class Trainer:
         return {f"eval/{k}": v for k, v in result.items()}
 
     def save(self, step: int) -> str:
-        return save_checkpoint(self.config.output_dir, step, self.opt, self.processor, {"config": asdict(self.config)},
-                               self.config.save_total_limit)
+        return save_checkpoint(self.config.output_dir, step, self.opt, self.processor,
+                               {"config": asdict(self.config), **self.guard.state()}, self.config.save_total_limit)
 
     # ------------------------------------------------------------------ logging
     def _metrics(self, batch: Rollout, rewards, per_func, stats, step_time) -> dict:
