@@ -266,9 +266,10 @@ def save_checkpoint(output_dir: str, step: int, opt, processor, extra: dict, tot
     if opt.engine is not None and opt.zero_stage == 3:
         state_dict = opt.engine._zero3_consolidated_16bit_state_dict()  # collective; the full weights on rank 0
     if opt.engine is not None:
-        failure.attempt(opt.engine.save_checkpoint, tmp, tag="deepspeed", save_latest=False, always=True)
-        if failure.error is not None:
-            raise _checkpoint_error(final, [failure.describe(rank)])
+        try:
+            opt.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+        except OSError as error:  # amid DeepSpeed's own collectives: this process stops here, the launcher stops the rest
+            raise _checkpoint_error(final, [_describe(error, rank)]) from error
     if main:
         failure.attempt(opt.model.save_pretrained, tmp, state_dict=state_dict, safe_serialization=True)
         if processor is not None:
@@ -287,29 +288,31 @@ def save_checkpoint(output_dir: str, step: int, opt, processor, extra: dict, tot
 
 
 class _FirstFailure:
-    """The first OSError this process met while writing a checkpoint. After it, the remaining writes
-    are skipped (`always`: a collective call still runs), and `agree` raises on every process."""
+    """The first OSError this process met while writing its part of a checkpoint (no collective
+    call in between): the remaining writes are skipped, and `agree` raises on every process."""
 
     def __init__(self):
         self.error: OSError | None = None
 
-    def attempt(self, write, *args, always: bool = False, **kwargs) -> None:
-        if self.error is None or always:
+    def attempt(self, write, *args, **kwargs) -> None:
+        if self.error is None:
             try:
                 write(*args, **kwargs)
             except OSError as error:
-                self.error = self.error or error
-
-    def describe(self, rank: int) -> str | None:
-        return None if self.error is None else f"process {rank}: {type(self.error).__name__}: {self.error}"
+                self.error = error
 
     def agree(self, final: str, tmp: str) -> None:
         """Collective: raise CheckpointError on every process if any failed (the temporary directory removed)."""
-        failures = [f for f in all_gather_objects(self.describe(world()[0])) if f]
+        mine = None if self.error is None else _describe(self.error, world()[0])
+        failures = [f for f in all_gather_objects(mine) if f]
         if failures:
             if is_main_process():
                 shutil.rmtree(tmp, ignore_errors=True)
             raise _checkpoint_error(final, failures)
+
+
+def _describe(error: OSError, rank: int) -> str:
+    return f"process {rank}: {type(error).__name__}: {error}"
 
 
 def _checkpoint_error(final: str, failures: list[str]) -> CheckpointError:
