@@ -15,7 +15,7 @@ import torch
 from .config import ConfigMixin
 from .distributed import Optimization, all_reduce_sum, check_images_on_every_rank, is_main_process, world
 from .logprobs import plain_logprobs
-from .prompts import encode_prompts
+from .prompts import column, encode_prompts
 from .resilience import STOP_SIGNALS, RunGuard, check_guard_settings
 from .training import (
     JsonlLog, Progress, load_checkpoint, prepare_model, resolve_checkpoint, rows_for_step, save_checkpoint,
@@ -90,9 +90,9 @@ class SFTTrainer:
         seed_everything(cfg.seed + rank)
         self.model, self.processor, self.family = prepare_model(model, processor, cfg, self.device)
         self.train_dataset = train_dataset
-        for index, row in enumerate(train_dataset):
-            for key in ("prompt", "completion"):
-                if not row.get(key):
+        for key in ("prompt", "completion"):  # these columns only: no image is opened
+            for index, value in enumerate(column(train_dataset, key)):
+                if not value:
                     raise ValueError(f"train_dataset row {index}: missing field {key!r}")
         self.opt = Optimization(self.model, cfg, total_updates=cfg.max_steps,
                                 micro_batches_per_update=cfg.batch_size // size // cfg.micro_batch_size,

@@ -25,7 +25,7 @@ from .distributed import (
 from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
 from .evaluate import evaluate
 from .logprobs import group_logprobs, with_image_features
-from .prompts import PromptBatch, encode_prompts
+from .prompts import PromptBatch, column, encode_prompts
 from .resilience import STOP_SIGNALS, RunGuard, check_guard_settings
 from .sampling import SamplingParams, decode_completions, generate
 from .scoring import call_reward_functions, combine_rewards, reward_columns, reward_name, reward_stats
@@ -140,8 +140,8 @@ class Rollout:
 class Trainer:
     """GRPO on a Hugging Face vision-language model.
 
-    `train_dataset`: a list (or indexable sequence) of rows; each row needs `prompt` (chat messages)
-    and `image` (PIL image or path) or `images`; every other field is passed to the reward functions
+    `train_dataset`: a list, a `datasets.Dataset` or any indexable sequence of rows; each row needs
+    `prompt` (chat messages) and `image` (PIL image, path, lazy image or {bytes, path}) or `images`; every other field is passed to the reward functions
     as a column. `reward_funcs`: callables `f(prompts, completions, **columns) -> list[float | None]`
     (sync or async). `model`: a loaded model or a name/path for `from_pretrained`.
     """
@@ -170,8 +170,8 @@ class Trainer:
         self.train_dataset = train_dataset
         if len(train_dataset) < cfg.prompts_per_step:
             raise ValueError(f"train_dataset has {len(train_dataset)} rows, fewer than prompts_per_step={cfg.prompts_per_step}")
-        for index, row in enumerate(train_dataset):
-            if not row.get("prompt"):
+        for index, prompt in enumerate(column(train_dataset, "prompt")):  # the prompts only: no image is opened
+            if not prompt:
                 raise ValueError(f"train_dataset row {index}: missing field 'prompt' (chat messages)")
         self.eval_dataset = eval_dataset
         self.eval_reward_funcs = eval_reward_funcs or self.reward_funcs
