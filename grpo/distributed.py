@@ -11,6 +11,7 @@ flags); the trainers read RANK / WORLD_SIZE / LOCAL_RANK from the environment. W
              partitioning, gradient averaging across ranks, clipping and bf16.
 Either way a trainer calls `backward(loss)` per micro-batch and `step()` once per optimizer update,
 and weights its losses so that the update equals the single-process update on the global batch.
+An update whose loss or gradient norm is not finite is dropped on both paths (`step`).
 """
 
 from __future__ import annotations
@@ -297,6 +298,15 @@ def zero_stage(config: dict | None) -> int:
 # ---------------------------------------------------------------- optimisation
 
 
+def nan_if_not_finite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss`, or `loss` x NaN when it is not finite: its gradient is then NaN in every parameter it
+    reaches, even where the loss's own gradient was finite (a NaN at a masked-out position), so the
+    gradient norm says what the loss did, and under DeepSpeed the averaged gradient is NaN on every
+    process, which makes all of them drop the update. One sync per micro-batch (the trainers read
+    the loss anyway)."""
+    return loss if bool(torch.isfinite(loss.detach()).all()) else loss * float("nan")
+
+
 def make_optimizer(model, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
                    schedule: str, total_updates: int):
     """AdamW over the trainable parameters with linear warmup then a constant or cosine schedule."""
@@ -333,6 +343,7 @@ class Optimization:
         self.ds_config = None
         self._pending = 0
         self.micro_batches_per_update = micro_batches_per_update
+        self.skipped_updates = 0  # updates dropped for a non-finite loss or gradient norm
         if cfg.deepspeed:
             import deepspeed
 
@@ -355,6 +366,7 @@ class Optimization:
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of one micro-batch's (already weighted) loss."""
         self._pending += 1
+        loss = nan_if_not_finite(loss)
         if self.engine is None:
             loss.backward()
             return
@@ -362,20 +374,38 @@ class Optimization:
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> float:
-        """One optimizer update from the accumulated gradients; returns the global pre-clip grad norm."""
+        """One optimizer update from the accumulated gradients; returns the global pre-clip grad norm.
+
+        A non-finite gradient norm (a non-finite loss makes it NaN: `backward`) drops the update:
+        the gradients are cleared and neither AdamW (weights, moments, step count) nor the LR
+        schedule moves; `skipped_updates` counts it. Under DeepSpeed the engine decides (ZeRO-1/2/3
+        reduce the norm, so every process drops it together, and the schedule does not step);
+        an engine that applies such an update anyway (ZeRO stage 0) is an error.
+        """
         if self._pending != self.micro_batches_per_update:
             raise RuntimeError(f"{self._pending} backward calls for an update of {self.micro_batches_per_update} micro-batches")
         self._pending = 0
         if self.engine is None:
             params = [p for p in self.model.parameters() if p.requires_grad]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-            self.optimizer.step()
-            self.scheduler.step()
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+                self.scheduler.step()
+            else:
+                self.skipped_updates += 1
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
-        return float(grad_norm) if grad_norm is not None else float("nan")
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if not self.engine.was_step_applied():
+            self.skipped_updates += 1
+        elif not math.isfinite(grad_norm):
+            raise RuntimeError(
+                f"DeepSpeed applied an update whose gradient norm is {grad_norm} (ZeRO stage {self.zero_stage} does not "
+                f"drop non-finite updates); the weights are no longer finite: resume from the last checkpoint with "
+                f"deepspeed='zero2' or 'zero3'")
+        return grad_norm
 
     @property
     def lr(self) -> float:

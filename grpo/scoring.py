@@ -2,7 +2,9 @@
 by evaluation.
 
 A reward function is a plain callable `f(prompts, completions, **columns) -> list[float | None]`
-(sync or async; None means "does not apply to this completion" and counts 0 in the sum).
+(sync or async; None means "does not apply to this completion" and counts 0 in the sum). Anything
+else than a finite number or None (NaN, inf, a string) is an error naming the function, the
+completion and its row.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import math
 import numbers as numbers_
 
 import torch
@@ -43,10 +46,25 @@ def call_reward_functions(funcs, prompts, completions, columns) -> list[list[flo
 
     results = _run_coroutine(run_all())
     for func, values in zip(funcs, results):
-        if values is None or len(values) != len(completions):
-            got = "None" if values is None else f"{len(values)} values"
-            raise RuntimeError(f"reward function {reward_name(func)!r} returned {got} for {len(completions)} completions")
+        check_rewards(func, values, len(completions), columns.get("id"))
     return results
+
+
+def check_rewards(func, values, count: int, row_ids=None) -> None:
+    """`values` must be `count` finite numbers or None; else an error naming the function, the first
+    bad completion (its index in the call) and its row (`row_ids`: each completion's row id)."""
+    if values is None or not hasattr(values, "__len__") or len(values) != count:
+        got = "None" if values is None else f"{len(values)} values" if hasattr(values, "__len__") else repr(values)
+        raise RuntimeError(f"reward function {reward_name(func)!r} returned {got} for {count} completions")
+    for index, value in enumerate(values):
+        if value is None:
+            continue
+        is_number = isinstance(value, numbers_.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+        if not is_number or not math.isfinite(float(value)):
+            row = f"row id {row_ids[index]!r}" if row_ids is not None else "its row has no 'id' field"
+            what = "not a finite number" if is_number else f"a {type(value).__name__}, not a number"
+            raise RuntimeError(f"reward function {reward_name(func)!r} returned {value!r} for completion {index} "
+                               f"({row}): {what}; return a finite float, or None where the reward does not apply")
 
 
 def reward_stats(funcs) -> dict:

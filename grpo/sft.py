@@ -16,6 +16,7 @@ from .distributed import Optimization, all_reduce_sum, check_images_on_every_ran
 from .logprobs import plain_logprobs
 from .prompts import column, encode_prompts
 from .tracking import MetricsLog, require_trackers
+from .resilience import STOP_SIGNALS, RunGuard, check_guard_settings
 from .training import (
     load_checkpoint, prepare_model, resolve_checkpoint, rows_for_step, save_checkpoint,
     seed_everything, setup_processes, start_output_dir,
@@ -50,9 +51,12 @@ class SFTConfig(ConfigMixin):
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     overwrite_output_dir: bool = False  # a fresh run may replace the results of an earlier run in output_dir
     report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard | wandb | mlflow
+    stop_signals: tuple[str, ...] = STOP_SIGNALS  # finish the step, checkpoint, exit with EXIT_PREEMPTED
+    max_consecutive_bad_steps: int = 3  # updates with a non-finite loss / grad norm are skipped; this many in a row stop
 
     def __post_init__(self):
         self.report_to = require_trackers(self.report_to)
+        check_guard_settings(self)
         if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
 
@@ -99,6 +103,7 @@ class SFTTrainer:
                                 micro_batches_per_update=cfg.batch_size // size // cfg.micro_batch_size,
                                 micro_batch_size=cfg.micro_batch_size)
         self.step = 0
+        self.guard = RunGuard(cfg, self.device, "sft")
 
     def _rows_for_step(self, step: int):
         return rows_for_step(self.train_dataset, step, self.config.batch_size, self.config.seed, "batch_size")
@@ -119,10 +124,17 @@ class SFTTrainer:
         return -(logprobs * mask).sum()
 
     def train(self) -> list[dict]:
+        """Run to max_steps; a stop signal ends it after a step with a checkpoint (raises Preempted)."""
+        with self.guard:
+            return self._train()
+
+    def _train(self) -> list[dict]:
         cfg = self.config
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume:
-            self.step = load_checkpoint(resume, self.opt)["step"]
+            state = load_checkpoint(resume, self.opt)
+            self.step = state["step"]
+            self.guard.load_state(state)
         start_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         main = is_main_process()
         log = MetricsLog(cfg, self.step if resume else None, "sft", PROGRESS_SHOWN) if main else None
@@ -152,12 +164,19 @@ class SFTTrainer:
             record = {"step": self.step, "loss": nll_total / tokens, "grad_norm": grad_norm, "lr": self.opt.lr,
                       "tokens": int(tokens), "truncated_frac": cut / cfg.batch_size, "step_time": step_time,
                       "tokens_per_sec": tokens / step_time}
+            record.update(self.guard.end_step(self.step, self.opt, {"loss": record["loss"], "grad_norm": grad_norm},
+                                              rows, indices))
             history.append(record)
             if main:
                 log.write(record)
+            saved = None
             if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.max_steps:
-                save_checkpoint(cfg.output_dir, self.step, self.opt, self.processor, {"config": asdict(cfg)},
-                                cfg.save_total_limit)
+                saved = self.save(self.step)
+            self.guard.finish_step(self.step, saved, self.save)
         if main:
             log.close()
         return history
+
+    def save(self, step: int) -> str:
+        return save_checkpoint(self.config.output_dir, step, self.opt, self.processor,
+                               {"config": asdict(self.config), **self.guard.state()}, self.config.save_total_limit)

@@ -25,6 +25,7 @@ from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
 from .evaluate import evaluate
 from .logprobs import group_logprobs, with_image_features
 from .prompts import PromptBatch, column, encode_prompts
+from .resilience import STOP_SIGNALS, RunGuard, check_guard_settings
 from .sampling import SamplingParams, decode_completions, generate
 from .scoring import call_reward_functions, combine_rewards, reward_columns, reward_name, reward_stats
 from .tracking import MetricsLog, require_trackers
@@ -90,9 +91,13 @@ class GRPOConfig(ConfigMixin):
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     overwrite_output_dir: bool = False  # a fresh run may replace the results of an earlier run in output_dir
     report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard | wandb | mlflow
+    # long runs (grpo/resilience.py): a stop signal finishes the step, checkpoints and exits with EXIT_PREEMPTED
+    stop_signals: tuple[str, ...] = STOP_SIGNALS
+    max_consecutive_bad_steps: int = 3  # updates with a non-finite loss / grad norm are skipped; this many in a row stop
 
     def __post_init__(self):
         self.report_to = require_trackers(self.report_to)
+        check_guard_settings(self)
         if self.group_size < 2:
             raise ValueError(f"group_size must be at least 2 (got {self.group_size}): advantages compare within a group")
         completions = self.prompts_per_step * self.group_size
@@ -185,6 +190,7 @@ class Trainer:
                                 micro_batches_per_update=local_completions // cfg.completions_per_micro_batch,
                                 micro_batch_size=cfg.completions_per_micro_batch)
         self.step = 0
+        self.guard = RunGuard(cfg, self.device, "grpo")
 
     @property
     def policy(self):
@@ -301,10 +307,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> list[dict]:
+        """Run to max_steps; a stop signal ends it after a step with a checkpoint (raises Preempted)."""
+        with self.guard:
+            return self._train()
+
+    def _train(self) -> list[dict]:
         cfg = self.config
         resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
         if resume:
-            self.step = load_checkpoint(resume, self.opt)["step"]
+            state = load_checkpoint(resume, self.opt)
+            self.step = state["step"]
+            self.guard.load_state(state)
         start_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         main = is_main_process()
         start = self.step if resume else None
@@ -321,6 +334,8 @@ class Trainer:
             stats = self.update(batch, advantages)
             self.step += 1
             record = self._metrics(batch, rewards, per_func, stats, time.time() - t0)
+            record.update(self.guard.end_step(self.step, self.opt, {k: stats[k] for k in ("loss", "grad_norm")},
+                                              rows, row_indices))
             # Reward-side counters are read before evaluation, so they count this step's training calls only.
             record.update(reward_stats(self.reward_funcs))
             if cfg.eval_steps and self.eval_dataset is not None and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps):
@@ -329,8 +344,10 @@ class Trainer:
             if main:
                 metrics_log.write(record)
                 self._log_samples(metrics_log, batch, rewards, per_func, advantages)
+            saved = None
             if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.max_steps:
-                self.save(self.step)
+                saved = self.save(self.step)
+            self.guard.finish_step(self.step, saved, self.save)
         if main:
             metrics_log.close()
         return history
@@ -344,8 +361,8 @@ class Trainer:
         return {f"eval/{k}": v for k, v in result.items()}
 
     def save(self, step: int) -> str:
-        return save_checkpoint(self.config.output_dir, step, self.opt, self.processor, {"config": asdict(self.config)},
-                               self.config.save_total_limit)
+        return save_checkpoint(self.config.output_dir, step, self.opt, self.processor,
+                               {"config": asdict(self.config), **self.guard.state()}, self.config.save_total_limit)
 
     # ------------------------------------------------------------------ logging
     def _metrics(self, batch: Rollout, rewards, per_func, stats, step_time) -> dict:

@@ -181,13 +181,22 @@ class JsonlLog:
             open(path, "w").close()
         elif os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [line.rstrip("\n") + "\n" for line in f
+                        if (record := _parsed(line)) and record.get("step", 0) <= resume_step]
             with open(path, "w") as f:
                 f.writelines(kept)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=_to_builtin) + "\n")
+
+
+def _parsed(line: str) -> dict | None:
+    """A JSON line, or None for a blank one or the cut last line a killed process leaves."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _to_builtin(value):
@@ -224,6 +233,10 @@ class Progress:
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written (disk full, permissions, I/O error); earlier ones are intact."""
+
+
 def save_checkpoint(output_dir: str, step: int, opt, processor, extra: dict, total_limit: int | None) -> str:
     """Write `checkpoint-<step>/` atomically: into a temporary directory, then renamed.
 
@@ -232,39 +245,127 @@ def save_checkpoint(output_dir: str, step: int, opt, processor, extra: dict, tot
     run the optimizer and scheduler), one `rng_state_<rank>.pt` per process, and under DeepSpeed
     the engine's own state in `deepspeed/`. A crash mid-save leaves only a `.tmp` directory that
     resume ignores. Every process must call this (the gathers are collective).
+
+    A write that fails (disk full, permissions, I/O error) raises CheckpointError on every process,
+    naming the path and the OS error, after removing the temporary directory: every earlier
+    checkpoint is intact and "latest" still finds the last complete one. (A failure inside
+    DeepSpeed's own save is raised at once by the process that met it, which then exits; the
+    launcher stops the others.) `total_limit` removes old checkpoints only once the new one is
+    complete, and never the new one.
     """
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     rank, _ = world()
     main = is_main_process()
+    failure = _FirstFailure()
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        failure.attempt(_fresh_directory, output_dir, tmp)
     barrier()
+    # The collective parts first, on every process, so that none is left waiting on one that failed.
     state_dict = None
     if opt.engine is not None and opt.zero_stage == 3:
         state_dict = opt.engine._zero3_consolidated_16bit_state_dict()  # collective; the full weights on rank 0
+    if opt.engine is not None:
+        try:
+            opt.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+        except OSError as error:  # amid DeepSpeed's own collectives: this process stops here, the launcher stops the rest
+            raise _checkpoint_error(final, [_describe(error, rank)]) from error
     if main:
-        opt.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        failure.attempt(opt.model.save_pretrained, tmp, state_dict=state_dict, safe_serialization=True)
         if processor is not None:
-            processor.save_pretrained(tmp)
+            failure.attempt(processor.save_pretrained, tmp)
         state = {"step": step, **extra}
         if opt.engine is None:
             state.update(optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict())
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    if opt.engine is not None:
-        opt.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+        failure.attempt(torch.save, state, os.path.join(tmp, "trainer_state.pt"))
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save(rng, os.path.join(tmp, f"rng_state_{rank}.pt"))
-    barrier()
+    failure.attempt(torch.save, rng, os.path.join(tmp, f"rng_state_{rank}.pt"))
+    failure.agree(final, tmp)
     if main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if total_limit:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        failure.attempt(_publish, tmp, final, output_dir, total_limit)
+    failure.agree(final, tmp)
     return final
+
+
+class _FirstFailure:
+    """The first OSError this process met while writing its part of a checkpoint (no collective
+    call in between): the remaining writes are skipped, and `agree` raises on every process."""
+
+    def __init__(self):
+        self.error: OSError | None = None
+
+    def attempt(self, write, *args, **kwargs) -> None:
+        if self.error is None:
+            try:
+                write(*args, **kwargs)
+            except OSError as error:
+                self.error = error
+
+    def agree(self, final: str, tmp: str) -> None:
+        """Collective: raise CheckpointError on every process if any failed (the temporary directory removed)."""
+        mine = None if self.error is None else _describe(self.error, world()[0])
+        failures = [f for f in all_gather_objects(mine) if f]
+        if failures:
+            if is_main_process():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise _checkpoint_error(final, failures)
+
+
+def _describe(error: OSError, rank: int) -> str:
+    return f"process {rank}: {type(error).__name__}: {error}"
+
+
+def _checkpoint_error(final: str, failures: list[str]) -> CheckpointError:
+    found = list_checkpoints(os.path.dirname(final))
+    latest = f"'latest' is {found[-1]}" if found else "there is no earlier checkpoint"
+    return CheckpointError(f"could not write checkpoint {final}: {'; '.join(failures)}. Earlier checkpoints are "
+                           f"intact ({latest}); free space or fix the path, then resume with resume_from_checkpoint='latest'")
+
+
+_LEFTOVER = re.compile(r"^checkpoint-\d+\.(tmp|old|deleted)$")
+
+
+def _fresh_directory(output_dir: str, tmp: str) -> None:
+    """An empty `tmp`, and no leftovers of interrupted saves or removals (resume ignores them anyway)."""
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if _LEFTOVER.match(name):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def _publish(tmp: str, final: str, output_dir: str, total_limit: int | None) -> None:
+    """Make the written `tmp` the checkpoint `final`, durably, then apply `total_limit`.
+
+    Every rename is atomic, so a kill at any point leaves each checkpoint-N either complete or absent.
+    """
+    _fsync_tree(tmp)  # the files reach the disk before the name that says they are complete
+    if os.path.exists(final):  # the same step saved again (a run resumed from an earlier checkpoint)
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    _fsync_directory(output_dir)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    if total_limit:
+        others = [path for path in list_checkpoints(output_dir) if path != final]
+        for old in others[: max(0, len(others) - (total_limit - 1))]:
+            os.replace(old, old + ".deleted")  # out of list_checkpoints at once; the files go after
+            shutil.rmtree(old + ".deleted", ignore_errors=True)
+
+
+def _fsync_tree(path: str) -> None:
+    """fsync every file under `path` and the directories holding them."""
+    for folder, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_directory(folder)
+
+
+def _fsync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def list_checkpoints(output_dir: str) -> list[str]:

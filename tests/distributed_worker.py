@@ -16,12 +16,20 @@ Scenarios:
            other numbers averaged over the processes that report them.
   resume   a 3-step GRPO run saving every step, then a run resumed from checkpoint-1; rank 0 writes
            both runs' metrics. Also SFT: 2 steps, checkpoint, resume.
+  preempt  a 4-step GRPO run (full/), then the same run (stopped/) whose LAST process alone sends
+           itself SIGTERM while scoring step 2: every process writes preempted_<rank>.json (exit
+           code, step, checkpoint) and exits with Preempted's status.
+  resume_preempted  stopped/ resumed from "latest" to step 4.
+  nonfinite  a 3-step GRPO run whose process 0 alone gets a NaN loss in step 2: every process
+           records whether its weights, optimizer state and LR moved in each step.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,6 +42,7 @@ from grpo.distributed import (  # noqa: E402
     all_gather_objects, check_images_on_every_rank, init_distributed, is_main_process, world,
 )
 from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
+from grpo.resilience import Preempted  # noqa: E402
 from grpo.trainer import Rollout, reward_stats  # noqa: E402
 
 PROMPTS = 4  # over all processes
@@ -145,6 +154,41 @@ def run_update(zero, out_dir, loss_type, scale_rewards):
     return stats, metrics, gradients, full_state(trainer)
 
 
+def length_reward(prompts, completions, **columns):
+    return [float(len(c)) for c in completions]
+
+
+def signal_in_step(step: int):
+    """A reward (named like length_reward, so the metrics keys match) that makes the last process
+    send itself SIGTERM while the given step is being scored."""
+    calls = []
+
+    def length_reward(prompts, completions, **columns):
+        calls.append(1)
+        rank, size = world()
+        if len(calls) == step and rank == size - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return [float(len(c)) for c in completions]
+
+    return length_reward
+
+
+def snapshot(trainer) -> dict:
+    """This process's weights, optimizer state (its partition under ZeRO) and learning rate."""
+    optimizer = trainer.opt.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO optimizer wraps the torch AdamW
+    return {"weights": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            "adam": copy.deepcopy([{k: v for k, v in s.items()} for s in inner.state.values()]), "lr": trainer.opt.lr}
+
+
+def same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
 def main():
     scenarios, zero, out_dir = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
     zero = None if zero == "none" else zero
@@ -246,6 +290,45 @@ def run_scenario(scenario, zero, out_dir):
         model, processor, rows_ = tiny()
         SFTTrainer(model, processor, rows, SFTConfig(output_dir=sft_dirs[1], resume_from_checkpoint="latest",
                                                      **sft_settings)).train()
+    elif scenario == "preempt":
+        model, processor, rows = tiny()
+        Trainer(model, processor, [length_reward], rows, config(os.path.join(out_dir, "full"), zero, max_steps=4)).train()
+        model, processor, rows = tiny()
+        trainer = Trainer(model, processor, [signal_in_step(2)], rows, config(os.path.join(out_dir, "stopped"), zero, max_steps=4))
+        try:
+            trainer.train()
+        except Preempted as stop:
+            with open(os.path.join(out_dir, f"preempted_{world()[0]}.json"), "w") as f:
+                json.dump({"code": stop.code, "step": stop.step, "checkpoint": stop.checkpoint, "signal": stop.signal_name}, f)
+            raise
+    elif scenario == "resume_preempted":
+        model, processor, rows = tiny()
+        Trainer(model, processor, [length_reward], rows, config(os.path.join(out_dir, "stopped"), zero, max_steps=4,
+                                                                 resume_from_checkpoint="latest")).train()
+    elif scenario == "nonfinite":
+        import grpo.trainer
+
+        model, processor, rows = tiny()
+        trainer = Trainer(model, processor, [length_reward], rows, config(os.path.join(out_dir, "nonfinite"), zero, max_steps=3,
+                                                                         lr_scheduler="cosine", warmup_steps=1))
+        real_loss, real_update = grpo.trainer.grpo_loss, trainer.update
+
+        def loss_nan_on_process_0_in_step_2(*args, **kwargs):
+            loss, stats = real_loss(*args, **kwargs)
+            return (loss * float("nan") if trainer.step == 1 and world()[0] == 0 else loss), stats
+
+        moved = []
+
+        def update(batch, advantages):
+            before = snapshot(trainer)
+            stats = real_update(batch, advantages)
+            after = snapshot(trainer)
+            moved.append({key: not same(before[key], after[key]) for key in before})
+            return stats
+
+        grpo.trainer.grpo_loss, trainer.update = loss_nan_on_process_0_in_step_2, update
+        trainer.train()
+        results = {"per_rank": all_gather_objects({"moved": moved, "skipped_updates": trainer.opt.skipped_updates})}
     if is_main_process():
         with open(os.path.join(out_dir, f"{scenario}.json"), "w") as f:
             json.dump(results, f)

@@ -4,7 +4,9 @@ What a user relies on: 2 processes x P prompts make exactly the update 1 process
 makes (loss, grad norm, every parameter's gradient, weights, logged metrics) under ZeRO-2 and
 ZeRO-3; ZeRO-3 generation does not hang when processes finish decoding at different steps; ZeRO-3
 refuses (rather than hangs on) prompts with images on one process and none on another; a ZeRO-3 run
-resumes exactly.
+resumes exactly; a SIGTERM reaching one process stops every process after the same step with a
+checkpoint and EXIT_PREEMPTED, and the resumed run is the uninterrupted one; a NaN loss on one
+process makes every process skip the update.
 Each test launches tests/distributed_worker.py; see its docstring for the scenarios.
 """
 
@@ -16,6 +18,8 @@ import sys
 import pytest
 import torch
 
+from grpo.resilience import EXIT_PREEMPTED
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")
 VOLATILE = {"step_time", "tokens_per_sec"}
@@ -23,7 +27,8 @@ VOLATILE = {"step_time", "tokens_per_sec"}
 pytest.importorskip("deepspeed")
 
 
-def launch(scenarios: str, zero: str, out_dir, processes: int = 2, timeout: int = 300, family: str = "qwen2_5_vl") -> None:
+def launch(scenarios: str, zero: str, out_dir, processes: int = 2, timeout: int = 300, family: str = "qwen2_5_vl",
+           status: int = 0) -> str:
     # PYTHONFAULTHANDLER: a worker killed by a signal prints its Python stack into the failure message.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
            "TINY_FAMILY": family}
@@ -37,7 +42,8 @@ def launch(scenarios: str, zero: str, out_dir, processes: int = 2, timeout: int 
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"{scenarios} under {zero} did not finish in {timeout} s (a hang?):\n{(error.stdout or '')[-3000:]}")
-    assert done.returncode == 0, f"{scenarios} under {zero} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert done.returncode == status, f"{scenarios} under {zero} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +137,50 @@ def test_zero3_run_resumes_exactly_and_saves_plain_transformers_checkpoints(tmp_
     assert any(not torch.equal(final[k], first[k]) for k in final)  # the weights did train
     for name in final:
         assert torch.equal(final[name], resumed[name]), name
+
+
+def assert_stopped_run_resumed_like_the_full_run(out_dir, processes: int) -> None:
+    """preempted_<rank>.json, then stopped/ (stopped after step 2, resumed to 4) against full/."""
+    from safetensors.torch import load_file
+
+    for rank in range(processes):
+        stop = json.loads((out_dir / f"preempted_{rank}.json").read_text())
+        assert stop == {"code": EXIT_PREEMPTED, "step": 2, "checkpoint": str(out_dir / "stopped" / "checkpoint-2"),
+                        "signal": "SIGTERM"}, rank
+
+    def metrics(name):
+        return [json.loads(line) for line in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
+
+    full, stopped = metrics("full"), metrics("stopped")
+    assert [m["step"] for m in stopped] == [1, 2, 3, 4]
+    assert [m.get("stopped_by") for m in stopped] == [None, "SIGTERM", None, None]
+    for a, b in zip(full, stopped):
+        assert {k: v for k, v in b.items() if k not in VOLATILE | {"stopped_by"}} == \
+            {k: v for k, v in a.items() if k not in VOLATILE}, a["step"]
+    weights = [load_file(out_dir / name / "checkpoint-4" / "model.safetensors") for name in ("full", "stopped")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_sigterm_stops_a_run_with_a_checkpoint_and_exit_status_75_and_it_resumes_exactly(tmp_path):
+    """A plain process (no launcher) exits with EXIT_PREEMPTED itself."""
+    launch("preempt", "none", tmp_path, processes=1, status=EXIT_PREEMPTED)
+    launch("resume_preempted", "none", tmp_path, processes=1)
+    assert_stopped_run_resumed_like_the_full_run(tmp_path, processes=1)
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step_and_nan_on_one_skips_on_both(tmp_path):
+    # torchrun reports the first worker's 75 and exits 1 (it stops the other, which may be leaving too).
+    errors = launch("preempt", "zero2", tmp_path, status=1)
+    assert f"exitcode  : {EXIT_PREEMPTED}" in errors
+    launch("resume_preempted,nonfinite", "zero2", tmp_path)
+    assert_stopped_run_resumed_like_the_full_run(tmp_path, processes=2)
+    # Process 0's loss was NaN in step 2: neither process moved its weights, its optimizer
+    # partition or the LR schedule in that step; steps 1 and 3 moved all three.
+    for rank in json.loads((tmp_path / "nonfinite.json").read_text())["per_rank"]:
+        assert rank["skipped_updates"] == 1
+        assert [set(k for k, v in step.items() if v) for step in rank["moved"]] == [{"weights", "adam", "lr"}, set(),
+                                                                                      {"weights", "adam", "lr"}]
+    records = [json.loads(line) for line in (tmp_path / "nonfinite" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1]
+    assert "loss=nan" in records[1]["skipped_update"] and len(records[1]["skipped_rows"]) == 4
