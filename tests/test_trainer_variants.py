@@ -185,3 +185,22 @@ def test_config_defaults_are_the_papers_objective():
     assert (cfg.policy_loss, cfg.importance_sampling_level, cfg.delta, cfg.advantage_estimator) == ("clip", "token", None, "grpo")
     assert (cfg.cispo_max_ratio, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg) == (5.0, 1.0, 1.05)
     assert (cfg.top_entropy_fraction, cfg.dynamic_sampling, cfg.max_sampling_rounds) == (1.0, False, 3)
+
+
+def test_a_resumed_dynamic_sampling_run_equals_the_uninterrupted_run(tiny_parts, toy_rows, tmp_path):
+    """The refill rounds' rows and sampling seeds are functions of the step: resuming replays them."""
+    model, processor = tiny_parts
+    rows = rows_with_constant_rewards(toy_rows[:16], constant=set(range(0, 16, 2)))
+    settings = dict(dynamic_sampling=True, max_sampling_rounds=4, max_steps=3, save_steps=1, log_completions=0)
+    full = Trainer(copy.deepcopy(model), processor, [spread_unless_constant], rows,
+                   config(tmp_path / "full", **settings)).train()
+    (tmp_path / "resumed").mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "full" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
+    resumed = Trainer(copy.deepcopy(model), processor, [spread_unless_constant], rows,
+                      config(tmp_path / "resumed", resume_from_checkpoint="latest", **settings)).train()
+    volatile = ("step_time", "tokens_per_sec")
+    assert [{k: v for k, v in r.items() if k not in volatile} for r in resumed] == \
+           [{k: v for k, v in r.items() if k not in volatile} for r in full[1:]]
+    assert sum(r["dynamic_sampling/rounds"] for r in full) > 3  # refills happened
