@@ -51,6 +51,7 @@ VARIANTS = {
     "GRPO 80/20": dict(top_entropy_fraction=0.2),
 }
 QUICK_VARIANTS = ("GRPO", "DAPO")
+LATE_STEPS = 10  # the train-rollout accuracy is averaged over the last this many steps
 
 
 def parse_args(argv=None):
@@ -66,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval-items", type=int, default=100)
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "variants.json"))
     parser.add_argument("--png", default=os.path.join(ROOT, "benchmarks", "results", "variants.png"))
+    parser.add_argument("--rebuild", action="store_true",
+                        help="no training: rebuild --json, --png and the table from the runs in --output-dir")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {' and '.join(QUICK_VARIANTS)}, seed 0, 2 steps, 20 eval items, writes under --output-dir")
     args = parser.parse_args(argv)
@@ -92,8 +95,12 @@ def sft_checkpoint(args, demo_args, sft_rows, rl_rows) -> str:
     return found[-1]
 
 
+def run_dir(args, name: str, seed: int) -> str:
+    return os.path.join(args.output_dir, name.replace(" ", "_").replace(".", "").replace("/", "-"), f"seed{seed}")
+
+
 def train_variant(name: str, seed: int, checkpoint: str, args, demo_args, rl_rows, eval_rows) -> dict:
-    out = os.path.join(args.output_dir, name.replace(" ", "_").replace(".", "").replace("/", "-"), f"seed{seed}")
+    out = run_dir(args, name, seed)
     config = demo.grpo_config(demo_args, out, args.steps, eval_steps=args.eval_every)
     config = dataclasses.replace(config, seed=seed, num_iterations=args.num_iterations, overwrite_output_dir=True,
                                  log_completions=0, **VARIANTS[name])
@@ -104,12 +111,18 @@ def train_variant(name: str, seed: int, checkpoint: str, args, demo_args, rl_row
     trainer = Trainer(checkpoint, None, rewards, rl_rows, config, eval_dataset=eval_rows,
                       eval_reward_funcs=[accuracy_reward, format_reward])
     history = trainer.train()
+    return run_record(history, seed, time.time() - t0)
+
+
+def run_record(history: list[dict], seed: int, seconds: float) -> dict:
+    """One run's numbers from its metrics (the trainer's history, or its metrics.jsonl)."""
     evals = [r for r in history if "eval/accuracy" in r]
     return {
-        "seed": seed, "seconds": time.time() - t0, "accuracy": evals[-1]["eval/accuracy"],
+        "seed": seed, "seconds": seconds, "accuracy": evals[-1]["eval/accuracy"],
         "format": evals[-1]["eval/format_reward"],
         "eval_steps": [r["step"] for r in evals], "eval_accuracy": [r["eval/accuracy"] for r in evals],
         "kl": [r["kl"] for r in history], "reward": [r["reward"] for r in history],
+        "train_accuracy": [r["rewards/accuracy_reward/mean"] for r in history],
         "clip_ratio": [r["clip_ratio"] for r in history],
         "extra_rollouts": sum(r.get("dynamic_sampling/extra_rollouts", 0) for r in history),
     }
@@ -117,9 +130,27 @@ def train_variant(name: str, seed: int, checkpoint: str, args, demo_args, rl_row
 
 def summarise(runs: list[dict]) -> dict:
     accuracies = [run["accuracy"] for run in runs]
-    return {"accuracy_mean": statistics.mean(accuracies),
-            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+    late = [statistics.mean(run["train_accuracy"][-LATE_STEPS:]) for run in runs]  # sampled rollouts, T = 1
+    spread = statistics.stdev if len(runs) > 1 else (lambda values: 0.0)
+    return {"accuracy_mean": statistics.mean(accuracies), "accuracy_std": spread(accuracies),
+            "lowest_accuracy_mean": statistics.mean(min(run["eval_accuracy"]) for run in runs),
+            "train_accuracy_mean": statistics.mean(late), "train_accuracy_std": spread(late),
             "seconds_mean": statistics.mean(run["seconds"] for run in runs)}
+
+
+def rebuild(args, seeds) -> dict:
+    """The results of the runs already in --output-dir, from their metrics.jsonl (seconds from --json)."""
+    with open(args.json) as f:
+        results = json.load(f)
+    for name in args.variants.split(","):
+        runs = []
+        for seed in seeds:
+            with open(os.path.join(run_dir(args, name, seed), "metrics.jsonl")) as f:
+                history = [json.loads(line) for line in f]
+            seconds = next(r["seconds"] for r in results["variants"][name]["runs"] if r["seed"] == seed)
+            runs.append(run_record(history, seed, seconds))
+        results["variants"][name] = {"settings": VARIANTS[name], **summarise(runs), "runs": runs}
+    return results
 
 
 def draw(results: dict, path: str) -> None:
@@ -149,14 +180,16 @@ def draw(results: dict, path: str) -> None:
 
 def table(results: dict) -> str:
     lines = [f"| variant | settings | held-out accuracy (mean ± std, {len(results['settings']['seeds'])} seeds) | "
-             f"per seed | final KL | s / run |", "|---|---|---|---|---|---|",
-             f"| SFT checkpoint | | {100 * results['sft_accuracy']:.1f} | | | |"]
+             f"per seed | lowest on the way | train-rollout accuracy, last {LATE_STEPS} steps | final KL | s / run |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| SFT checkpoint | | {100 * results['sft_accuracy']:.1f} | | | | | |"]
     for name, variant in results["variants"].items():
         runs = variant["runs"]
         settings = ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) + (" + overlong_penalty" if name == "DAPO" else "")
         per_seed = " / ".join(f"{100 * run['accuracy']:.1f}" for run in runs)
         lines.append(f"| {name} | {settings or 'the demo defaults'} | {100 * variant['accuracy_mean']:.1f} ± "
-                     f"{100 * variant['accuracy_std']:.1f} | {per_seed} | "
+                     f"{100 * variant['accuracy_std']:.1f} | {per_seed} | {100 * variant['lowest_accuracy_mean']:.1f} | "
+                     f"{100 * variant['train_accuracy_mean']:.1f} ± {100 * variant['train_accuracy_std']:.1f} | "
                      f"{statistics.mean(run['kl'][-1] for run in runs):.3f} | {variant['seconds_mean']:.0f} |")
     return "\n".join(lines)
 
@@ -165,6 +198,13 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)  # the tiny model gains nothing from intra-op threads
     t_start = time.time()
+    if args.rebuild:
+        results = rebuild(args, [int(s) for s in args.seeds.split(",")])
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        draw(results, args.png)
+        print(table(results))
+        return
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     demo_args = demo.parse_args(["--prompts-per-step", str(args.prompts_per_step)])
     sft_rows, rl_rows, test_rows = demo.build_data(demo_args)

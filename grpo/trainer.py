@@ -335,7 +335,7 @@ class Trainer:
                   file=sys.stderr)
         counters = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/informative_groups": informative,
                     "dynamic_sampling/groups_dropped": dropped, "dynamic_sampling/extra_rollouts": (rounds - 1) * wanted * G}
-        if rounds == 1 and chosen == list(range(wanted)):  # every group kept where it was sampled
+        if rounds == 1:  # the first round's groups, all of them, each trained where it was sampled
             return batch, rewards, per_func, counters
         per_process = wanted // size
         mine = [pool[k] for k in chosen[rank * per_process : (rank + 1) * per_process]]
