@@ -57,7 +57,8 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
         prompts = encode_prompts(family, rows, index, max_prompt_length).to(device)
         out = generate(family, model, prompts, params, synced=synced)
         texts = decode_completions(family, out)
-        scores = call_reward_functions(funcs, [row["prompt"] for row in rows], texts, reward_columns(rows))
+        scores = call_reward_functions(funcs, [row["prompt"] for row in rows], texts,
+                                        reward_columns(rows, out.ids, out.mask))
         batch_records = []
         for k, i in enumerate(index):
             record = {"id": ids[i], "completion": texts[k], "tokens": int(out.mask[k].sum()), "truncated": bool(out.truncated[k])}

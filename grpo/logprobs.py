@@ -61,22 +61,31 @@ def prefill(family: Family, model, prompts: PromptBatch, logits_to_keep: int = 1
     return out, positions
 
 
-def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T) at `ids`, [N, C] fp32, one row at a time (no [N, C, V] fp32 tensor)."""
-    rows = []
+def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool = False):
+    """log softmax(logits / T) at `ids`, [N, C] fp32, one row at a time (no [N, C, V] fp32 tensor).
+
+    `with_entropy=True` returns (log-probs, entropies): also each position's predictive entropy
+    -sum_v p log p of softmax(logits / T), [N, C] fp32, from the same row (for `high_entropy_mask`).
+    """
+    rows, entropies = [], []
     for row_logits, row_ids in zip(logits, ids):
-        row_logits = row_logits.float() / temperature
-        chosen = row_logits.gather(-1, row_ids[:, None]).squeeze(-1)
-        rows.append(chosen - torch.logsumexp(row_logits, dim=-1))
+        row_logits = row_logits.float() / temperature  # [C, V]
+        normaliser = torch.logsumexp(row_logits, dim=-1)  # [C]
+        rows.append(row_logits.gather(-1, row_ids[:, None]).squeeze(-1) - normaliser)
+        if with_entropy:  # -sum p (z - logsumexp z) = logsumexp z - sum p z
+            entropies.append(normaliser - (torch.softmax(row_logits, dim=-1) * row_logits).sum(-1))
+    if with_entropy:
+        return torch.stack(rows), torch.stack(entropies)
     return torch.stack(rows)
 
 
 def plain_logprobs(family: Family, model, prompts: PromptBatch, completion_ids: torch.Tensor,
-                   completion_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+                   completion_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
     """Log-probs [N, C] (fp32) of each completion token, from one forward over prompt + completion.
 
     `prompts` holds one prompt per completion (use `PromptBatch.select`). Logits are divided by the
-    sampling temperature; only the chosen tokens' log-probs are gathered.
+    sampling temperature; only the chosen tokens' log-probs are gathered. `with_entropy`: also the
+    token entropies, as `gather_logprobs` returns them.
     """
     input_ids = torch.cat([prompts.input_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask.dtype)], dim=1)
@@ -93,12 +102,12 @@ def plain_logprobs(family: Family, model, prompts: PromptBatch, completion_ids: 
         **vision_kwargs(family, prompts),
     )
     # The logits at position t predict completion token t.
-    return gather_logprobs(out.logits[:, :-1], completion_ids, temperature)
+    return gather_logprobs(out.logits[:, :-1], completion_ids, temperature, with_entropy)
 
 
 def shared_prefix_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: list[int],
                            completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                           temperature: float = 1.0) -> torch.Tensor:
+                           temperature: float = 1.0, with_entropy: bool = False):
     """`plain_logprobs` with each prompt forwarded once for all the completions that continue it.
 
     `prompts` holds the distinct prompts; completion i continues prompt `prompt_index[i]`. The prompt
@@ -109,7 +118,7 @@ def shared_prefix_logprobs(family: Family, model, prompts: PromptBatch, prompt_i
     device = completion_ids.device
     out, positions = prefill(family, model, prompts)
     rep = torch.as_tensor(prompt_index, device=device)
-    first = gather_logprobs(out.logits[rep], completion_ids[:, :1], temperature)  # [N, 1]
+    first = gather_logprobs(out.logits[rep], completion_ids[:, :1], temperature, with_entropy)  # [N, 1]
     length = completion_ids.shape[1]
     if length == 1:
         return first
@@ -123,7 +132,9 @@ def shared_prefix_logprobs(family: Family, model, prompts: PromptBatch, prompt_i
         **family.forward_kwargs(torch.zeros_like(completion_ids[:, :-1])),
         **family.cache_kwargs(model, cache),
     )
-    rest = gather_logprobs(out.logits, completion_ids[:, 1:], temperature)  # [N, C - 1]
+    rest = gather_logprobs(out.logits, completion_ids[:, 1:], temperature, with_entropy)  # [N, C - 1]
+    if with_entropy:
+        return tuple(torch.cat(parts, dim=1) for parts in zip(first, rest))
     return torch.cat([first, rest], dim=1)
 
 
@@ -135,15 +146,19 @@ def _checkpointing(model) -> bool:
 
 
 def group_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: list[int], completion_ids: torch.Tensor,
-                   completion_mask: torch.Tensor, temperature: float = 1.0, shared_prefix: bool = True) -> torch.Tensor:
+                   completion_mask: torch.Tensor, temperature: float = 1.0, shared_prefix: bool = True,
+                   with_entropy: bool = False):
     """Log-probs [N, C] of completions under `model`; completion i continues prompt `prompt_index[i]`.
 
     The shared-prefix path runs when asked, when the family has an exact one, and without gradient
-    checkpointing; otherwise the plain path (one prompt copy per completion).
+    checkpointing; otherwise the plain path (one prompt copy per completion). `with_entropy=True`
+    returns (log-probs, token entropies [N, C]), computed row by row from the same logits.
     """
     if shared_prefix and family.fast_path and not _checkpointing(model):
-        return shared_prefix_logprobs(family, model, prompts, prompt_index, completion_ids, completion_mask, temperature)
-    return plain_logprobs(family, model, prompts.select(list(prompt_index)), completion_ids, completion_mask, temperature)
+        return shared_prefix_logprobs(family, model, prompts, prompt_index, completion_ids, completion_mask, temperature,
+                                      with_entropy)
+    return plain_logprobs(family, model, prompts.select(list(prompt_index)), completion_ids, completion_mask, temperature,
+                          with_entropy)
 
 
 def completion_logprobs(model, processor, rows: list[dict], completion_ids: list[list[list[int]]], *,

@@ -1,30 +1,50 @@
-"""The GRPO objective as pure tensor functions (no model, no trainer).
+"""The GRPO objective and its 2025-26 variants as pure tensor functions (no model, no trainer).
 
-Notation follows the paper / DeepSeekMath: G completions per prompt, rewards r_i, group-normalised
-advantages A_i, ratio rho = exp(logp_theta - logp_old), clipped surrogate plus beta * k3 KL.
+Notation follows the paper / DeepSeekMath (README "The objective" has every formula and its source):
+G completions per prompt, rewards r_i, group advantages A_i, ratio rho = exp(logp_theta - logp_old),
+a per-token policy term (`policy_loss`: clip, cispo, sapo) plus beta * k3 KL, aggregated over tokens
+by `loss_type` (grpo, bnpo, dr_grpo, dapo): every policy term combines with every aggregation.
 Every function here is unit-tested against an independent float64 computation.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+from .distributed import all_gather_cat
 
 SCALE_MODES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+POLICY_LOSSES = ("clip", "cispo", "sapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo")
+
+
+def zero_spread_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[num_groups] bool: the groups whose G rewards are all equal (whatever the value, continuous
+    rewards included). They get advantage 0 and carry no policy gradient (DAPO's dynamic sampling drops them)."""
+    grouped = rewards.view(-1, group_size)  # [num_groups, G]
+    return (grouped == grouped[:, :1]).all(dim=1)
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, estimator: str = "grpo"
 ) -> torch.Tensor:
     """Advantage of each completion relative to the other completions of its prompt.
 
-    `rewards` is 1-D, each group's `group_size` entries contiguous. The group mean is always
-    subtracted; `scale` picks the divisor: "group" (that group's std), "batch" (std of all rewards,
-    Dr. GRPO / TRL's "batch"), "none" (no division). std is Bessel-corrected. A group whose rewards
-    are all equal gets advantage exactly 0.
+    `rewards` is 1-D, each group's `group_size` entries contiguous. `estimator` picks the baseline:
+    "grpo" subtracts the group mean; "rloo" (REINFORCE leave-one-out) subtracts the mean of the
+    *other* G - 1 rewards, r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_j r_j). `scale` picks
+    the divisor: "group" (that group's std), "batch" (std of all rewards, Dr. GRPO / TRL's "batch"),
+    "none" (no division; RLOO's own form). std is Bessel-corrected. A group whose rewards are all
+    equal gets advantage exactly 0.
     """
     if scale not in SCALE_MODES:
         raise ValueError(f"scale must be one of {SCALE_MODES}, got {scale!r}")
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ADVANTAGE_ESTIMATORS}, got {estimator!r}")
     if group_size < 2:
         raise ValueError(
             f"group_size must be at least 2 (got {group_size}, for {rewards.numel()} rewards): "
@@ -37,9 +57,11 @@ def group_advantages(
         )
     grouped = rewards.view(-1, group_size)  # [num_prompts, G]
     centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if estimator == "rloo":
+        centred = centred * (group_size / (group_size - 1))
     # The float mean of equal values need not equal them (six 0.3s in float32), and the tiny residue
     # divided by std + eps would be a spurious advantage: equal groups are zeroed explicitly.
-    centred = centred.masked_fill((grouped == grouped[:, :1]).all(dim=1, keepdim=True), 0.0)
+    centred = centred.masked_fill(zero_spread_groups(rewards, group_size)[:, None], 0.0)
     if scale == "group":
         std = grouped.std(dim=1, keepdim=True)
     elif scale == "batch":
@@ -53,6 +75,32 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi_theta || pi_ref): exp(d) - d - 1 with d = ref - logp (>= 0)."""
     delta = ref_logprobs - logprobs
     return torch.exp(delta) - delta - 1.0
+
+
+def check_objective(*, loss_type: str = "grpo", policy_loss: str = "clip", importance_sampling_level: str = "token",
+                    epsilon_low: float = 0.2, epsilon_high: float | None = None, delta: float | None = None,
+                    dual_clip: float | None = None, cispo_max_ratio: float = 5.0, sapo_temperature_pos: float = 1.0,
+                    sapo_temperature_neg: float = 1.05) -> None:
+    """Refuse settings of the objective that make no sense, naming the field (GRPOConfig and grpo_loss both call it)."""
+    for field, value, valid in (("loss_type", loss_type, LOSS_TYPES), ("policy_loss", policy_loss, POLICY_LOSSES),
+                                ("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)):
+        if value not in valid:
+            raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
+    upper = 1.0 + (epsilon_low if epsilon_high is None else epsilon_high)
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (verl uses 3), got {dual_clip}")
+    if delta is not None and delta <= upper:
+        raise ValueError(f"delta must be > 1 + epsilon_high = {upper:g} (INTELLECT-2 uses 4), got {delta}: "
+                         f"it caps the ratio of the unclipped branch, above the clip range")
+    for field, value in (("delta", delta), ("dual_clip", dual_clip)):
+        if value is not None and policy_loss != "clip":
+            raise ValueError(f"{field}={value} caps the clipped surrogate and applies to policy_loss='clip' only, "
+                             f"not {policy_loss!r}")
+    if cispo_max_ratio <= 0:
+        raise ValueError(f"cispo_max_ratio must be > 0 (MiniMax-M1 uses about 5), got {cispo_max_ratio}")
+    for field, value in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
+        if value <= 0:
+            raise ValueError(f"{field} must be > 0, got {value}")
 
 
 def grpo_loss(
@@ -69,40 +117,81 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     dual_clip: float | None = None,
+    policy_loss: str = "clip",
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    cispo_max_ratio: float = 5.0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    token_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped-surrogate GRPO loss with optional k3 KL penalty.
+    """Policy term plus optional k3 KL penalty, aggregated over tokens.
 
-    Shapes: logprobs, old_logprobs, completion_mask, ref_logprobs: [B, L]; advantages: [B].
-    Per token: -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) + beta*k3, aggregated by `loss_type`:
+    Shapes: logprobs, old_logprobs, completion_mask, ref_logprobs, token_mask: [B, L]; advantages: [B].
+    The ratio: `importance_sampling_level` "token" rho_t = exp(logp_t - logp_old_t); "sequence" (GSPO)
+    s_i = exp(masked mean over t of (logp - logp_old)), one per completion, used for every token of it
+    (its gradient reaches every token through the mean). Per token, with r that ratio:
+      clip  -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A); `delta` (INTELLECT-2's two-sided clip) caps
+            the first r at delta; `dual_clip` c (verl): a token with A < 0 and r > c costs -c*A. For
+            c > 1 + eps_high the two are the same cap, reached from two papers' names.
+      cispo -sg(min(r, cispo_max_ratio)) * A * logp (MiniMax-M1): the weight carries no gradient, so
+            a truncated token still gets its (weighted) policy gradient.
+      sapo  -(4/tau) * sigmoid(tau * (r - 1)) * A, tau = sapo_temperature_pos if A > 0 else _neg:
+            a soft gate in place of the hard clip; at r = 1 its gradient is the vanilla one.
+    `token_mask` (e.g. `high_entropy_mask`) keeps the policy term on its tokens only; the KL term and
+    the aggregation's denominators still use completion_mask (as TRL does). Aggregation, `loss_type`:
       grpo    mean over sequences of (masked token sum / that sequence's token count)  (paper)
       bnpo    masked sum / masked count of this batch
       dr_grpo masked sum / (B * max_completion_length)  (max_completion_length defaults to L)
       dapo    masked sum / num_items_in_batch  (completion tokens of the whole optimizer step;
               defaults to this batch's masked count)
-    `dual_clip` (c > 1, verl's dual-clip, typically 3): a token with A < 0 whose ratio ran past c
-    has its policy term capped at -c*A (no gradient), so one stale token cannot dominate the update.
-    With one update per rollout old_logprobs == logprobs.detach(): rho == 1 and the loss value is
-    ~0 (or beta*KL), but its gradient is the policy gradient. That is expected.
+    TRL's loss_type="cispo" is policy_loss="cispo", loss_type="dapo"; TRL's "sapo" is
+    policy_loss="sapo", loss_type="grpo"; TRL's importance_sampling_level is the same setting.
+    With one update per rollout old_logprobs == logprobs.detach(): r == 1, the clip and sapo loss
+    values are ~0 (or beta*KL), but the gradient is the policy gradient. That is expected.
 
-    Returns (loss, stats) where stats holds `kl` (masked mean of k3; 0 without a reference),
-    `clip_ratio` (masked fraction of tokens whose clipped branch is active) and `dual_clip_ratio`
-    (masked fraction capped by the dual clip; 0 when it is off).
+    Returns (loss, stats), stats over completion_mask: `kl` (masked mean of k3; 0 without a
+    reference), `clip_ratio` (fraction of tokens whose ratio is clipped: clip's clipped branch active;
+    cispo's weight truncated, either sign of A; 0 for sapo) and `dual_clip_ratio` (fraction whose
+    negative-advantage term is capped by dual_clip or delta; 0 when both are off).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (verl uses 3), got {dual_clip}")
+    check_objective(loss_type=loss_type, policy_loss=policy_loss, importance_sampling_level=importance_sampling_level,
+                    epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, dual_clip=dual_clip,
+                    cispo_max_ratio=cispo_max_ratio, sapo_temperature_pos=sapo_temperature_pos,
+                    sapo_temperature_neg=sapo_temperature_neg)
     if epsilon_high is None:
         epsilon_high = epsilon_low
     mask = completion_mask.to(logprobs.dtype)  # [B, L]
     adv = advantages.to(logprobs.dtype).unsqueeze(1)  # [B, 1]
 
-    ratio = torch.exp(logprobs - old_logprobs)  # [B, L]
-    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # [B, L]
-    if dual_clip is not None:
-        dual_capped = (adv < 0) & (ratio > dual_clip)  # [B, L]
-        per_token = torch.where(dual_capped, -dual_clip * adv, per_token)
+    log_ratio = logprobs - old_logprobs  # [B, L]
+    if importance_sampling_level == "sequence":
+        sequence = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, 1]
+        log_ratio = sequence.expand_as(logprobs)
+    ratio = torch.exp(log_ratio)  # [B, L]
+    no_token = torch.zeros_like(mask, dtype=torch.bool)
+    capped = no_token
+    if policy_loss == "clip":
+        clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+        unclipped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)
+        per_token = -torch.min(unclipped_ratio * adv, clipped_ratio * adv)  # [B, L]
+        clipped = ((ratio < 1.0 - epsilon_low) & (adv < 0)) | ((ratio > 1.0 + epsilon_high) & (adv > 0))
+        if delta is not None:
+            capped = (adv < 0) & (ratio > delta)
+        if dual_clip is not None:
+            dual_capped = (adv < 0) & (ratio > dual_clip)  # [B, L]
+            per_token = torch.where(dual_capped, -dual_clip * adv, per_token)
+            capped = capped | dual_capped
+    elif policy_loss == "cispo":
+        weight = torch.clamp(ratio, max=cispo_max_ratio).detach()
+        per_token = -weight * adv * logprobs
+        clipped = ratio > cispo_max_ratio
+    else:  # sapo
+        tau = torch.where(adv > 0, adv.new_tensor(sapo_temperature_pos), adv.new_tensor(sapo_temperature_neg))  # [B, 1]
+        per_token = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
+        clipped = no_token
+    if token_mask is not None:
+        per_token = per_token * token_mask.to(per_token.dtype)
 
     token_count = mask.sum().clamp(min=1.0)
     if ref_logprobs is not None:
@@ -126,8 +215,54 @@ def grpo_loss(
         loss = masked.sum() / denom
 
     with torch.no_grad():
-        clipped = ((ratio < 1.0 - epsilon_low) & (adv < 0)) | ((ratio > 1.0 + epsilon_high) & (adv > 0))
         clip_ratio = (clipped.to(mask.dtype) * mask).sum() / token_count
-        dual_clip_ratio = ((dual_capped.to(mask.dtype) * mask).sum() / token_count if dual_clip is not None
-                           else logprobs.new_zeros(()))
+        dual_clip_ratio = (capped.to(mask.dtype) * mask).sum() / token_count
     return loss, {"kl": mean_kl.detach(), "clip_ratio": clip_ratio, "dual_clip_ratio": dual_clip_ratio}
+
+
+class MicroBatchWeights(NamedTuple):
+    backward: float  # multiplies the micro-batch's loss before its backward
+    logged: float  # the micro-batch loss's share of the step's logged loss (summed over micro-batches and processes)
+    stats: float  # its share of the step's logged kl / clip ratios (summed the same way)
+
+
+def micro_batch_weights(loss_type: str, micro_completions: int, process_completions: int,
+                        world_size: int) -> MicroBatchWeights:
+    """How one micro-batch's `grpo_loss` is weighted, under every aggregation and process count.
+
+    The one place that knows it. Gradients of several processes are averaged (DeepSpeed), so the
+    update equals one process's update on the whole step's batch when: grpo, bnpo and dr_grpo
+    losses are weighted by the micro-batch's share of its process's completions (grpo and dr_grpo
+    are then exactly the whole batch's loss; bnpo's token mean is taken per micro-batch, as in TRL,
+    so it is the mean of the micro-batches' token means, weighted by their sizes); dapo's losses are already divided by the
+    step's token count over all processes, so they add up, and are scaled by the world size to undo
+    the averaging. The logged step loss is the sum over micro-batches and processes of
+    `logged * loss`; the logged stats likewise with `stats`.
+    """
+    share = micro_completions / process_completions
+    if loss_type == "dapo":
+        return MicroBatchWeights(backward=float(world_size), logged=1.0, stats=share / world_size)
+    return MicroBatchWeights(backward=share, logged=share / world_size, stats=share / world_size)
+
+
+def high_entropy_mask(entropies: torch.Tensor, completion_mask: torch.Tensor, top_fraction: float) -> torch.Tensor:
+    """[N, C] bool: the completion tokens whose entropy is in the top `top_fraction` of the step's
+    completion tokens ("Beyond the 80/20 rule", Wang et al. 2025: 0.2).
+
+    The threshold is the (1 - top_fraction) quantile (linear interpolation, numpy's default) of
+    the masked entropies of every process (collective: every process calls it with its own tokens),
+    so the rule is the same however the step is split; tokens at or above it are kept. 1.0 keeps all.
+    """
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    mask = completion_mask.bool()
+    values = all_gather_cat(entropies[mask])  # the step's completion tokens, all processes
+    if values.numel() == 0:
+        return mask
+    # torch.quantile refuses inputs above 2**24 elements: the same interpolation on the sorted values.
+    values, _ = torch.sort(values)
+    position = (1.0 - top_fraction) * (values.numel() - 1)
+    low = int(position)
+    high = min(low + 1, values.numel() - 1)
+    threshold = values[low] + (values[high] - values[low]) * (position - low)
+    return mask & (entropies >= threshold)

@@ -113,6 +113,16 @@ def combine_rewards(results, weights) -> tuple[torch.Tensor, torch.Tensor]:
     return total, per_func
 
 
-def reward_columns(rows: list[dict]) -> dict[str, list]:
-    """The rows' fields other than `prompt`, as the columns reward functions receive."""
-    return {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
+def reward_columns(rows: list[dict], completion_ids: torch.Tensor | None = None,
+                   completion_mask: torch.Tensor | None = None) -> dict[str, list]:
+    """The columns reward functions receive: the rows' fields other than `prompt` (one row per
+    completion) and, given the completions' tokens [N, C] and mask, `completion_ids`: each
+    completion's token ids as a list, up to and including its EOS (as TRL passes them; a length
+    reward such as `rewards.overlong_penalty` reads them)."""
+    columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
+    if completion_ids is not None:
+        if "completion_ids" in columns:
+            raise ValueError("dataset rows have a field 'completion_ids', the name of the column that holds each "
+                             "completion's token ids: rename the field")
+        columns["completion_ids"] = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask)]
+    return columns

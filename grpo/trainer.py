@@ -1,17 +1,22 @@
 """GRPO trainer: sample G completions per prompt -> score -> group advantages -> clipped update with KL.
 
 One training step:
-  1. `rollout`   take `prompts_per_step` rows, sample G completions each (grpo.rollout.generate);
-                 old-policy log-probs (only when num_iterations > 1) and reference log-probs (only when
-                 beta > 0) are computed here, without gradient.
+  1. `rollout`   take `prompts_per_step` rows, sample G completions each (grpo.sampling.generate).
   2. `score`     call every reward function (async ones concurrently); weighted sum -> rewards [B*G].
-  3. advantages  grpo.objective.group_advantages, per group of G.
-  4. `update`    num_iterations optimizer updates, each accumulating gradients over micro-batches of
-                 `completions_per_micro_batch` completions, loss = grpo.objective.grpo_loss.
+     `dynamic_sample` (only with dynamic_sampling, DAPO): drop the groups whose rewards are all
+                 equal and sample more prompts until the step has prompts_per_step informative ones.
+  3. `logprob_passes`  without gradient: old-policy log-probs (only when num_iterations > 1), token
+                 entropies and the high-entropy token mask (only when top_entropy_fraction < 1),
+                 reference log-probs (only when beta > 0).
+  4. `advantages` grpo.objective.group_advantages, per group of G.
+  5. `update`    num_iterations optimizer updates, each accumulating gradients over micro-batches of
+                 `completions_per_micro_batch` completions, loss = grpo.objective.grpo_loss, each
+                 weighted by grpo.objective.micro_batch_weights.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -19,9 +24,14 @@ import torch
 
 from .config import ConfigMixin
 from .distributed import (
-    Optimization, all_gather_cat, all_reduce_sum, check_images_on_every_rank, is_main_process, world,
+    Optimization, all_gather_cat, all_reduce_sum, check_images_on_every_rank, is_main_process, shard,
+    world,
 )
-from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
+from .dynamic_sampling import gather_groups, local_groups, pad_groups, refill_row_indices, select_groups
+from .objective import (
+    ADVANTAGE_ESTIMATORS, SCALE_MODES, check_objective, group_advantages, grpo_loss, high_entropy_mask,
+    micro_batch_weights, zero_spread_groups,
+)
 from .evaluate import evaluate
 from .logprobs import group_logprobs, with_image_features
 from .prompts import PromptBatch, column, encode_prompts
@@ -31,8 +41,12 @@ from .scoring import call_reward_functions, combine_rewards, reward_columns, rew
 from .tracking import MetricsLog, require_trackers
 from .training import (
     load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, rows_for_step,
-    save_checkpoint, seed_everything, setup_processes, start_output_dir, vision_modules_equal,
+    save_checkpoint, seed_everything, setup_processes, start_output_dir, step_row_indices, vision_modules_equal,
 )
+
+
+# Dynamic sampling's later rounds sample with seeds above every step's first-round seed.
+_ROUND_SEED_OFFSET = 2**32
 
 
 @dataclass
@@ -49,15 +63,25 @@ class GRPOConfig(ConfigMixin):
     temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    # objective (SPEC 2)
+    # objective (README "The objective": every term, level and aggregation with its formula and source)
     beta: float = 0.04  # KL coefficient; 0 loads no reference model
     epsilon_low: float = 0.2  # lower clip: rho >= 1 - epsilon_low
     epsilon_high: float | None = None  # upper clip: rho <= 1 + epsilon_high (None = epsilon_low; DAPO 0.28)
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    loss_type: str = "grpo"  # aggregation over tokens: grpo | bnpo | dr_grpo | dapo
+    policy_loss: str = "clip"  # per-token policy term: clip (PPO/GRPO) | cispo (MiniMax-M1) | sapo (soft gate)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO: one ratio per completion)
     scale_rewards: str = "group"  # group | batch | none
+    advantage_estimator: str = "grpo"  # baseline: grpo (group mean) | rloo (mean of the other G - 1)
     num_iterations: int = 1  # mu: optimizer updates per rollout batch
     mask_truncated_completions: bool = False  # drop completions without EOS from the loss (DAPO)
     dual_clip: float | None = None  # verl's dual-clip c (e.g. 3): caps a negative-advantage token's loss at -c*A
+    delta: float | None = None  # two-sided clip (INTELLECT-2, e.g. 4): the unclipped branch's ratio capped at delta
+    cispo_max_ratio: float = 5.0  # CISPO: importance weights truncated at this ratio
+    sapo_temperature_pos: float = 1.0  # SAPO: gate temperature of tokens with A > 0
+    sapo_temperature_neg: float = 1.05  # SAPO: gate temperature of tokens with A < 0
+    top_entropy_fraction: float = 1.0  # policy term on this top fraction of the step's tokens by entropy (80/20: 0.2)
+    dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards, sample more prompts to refill the step
+    max_sampling_rounds: int = 3  # dynamic sampling: at most this many rounds of prompts_per_step prompts per step
     # optimisation
     learning_rate: float = 1e-6
     weight_decay: float = 0.0
@@ -106,18 +130,30 @@ class GRPOConfig(ConfigMixin):
                 f"completions_per_micro_batch={self.completions_per_micro_batch} must divide the completions per "
                 f"step = prompts_per_step {self.prompts_per_step} x group_size {self.group_size} = {completions}"
             )
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {self.loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+        check_objective(**self.objective_settings())
         if self.scale_rewards not in SCALE_MODES:
             raise ValueError(f"unknown scale_rewards {self.scale_rewards!r}; valid: {', '.join(SCALE_MODES)}")
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"unknown advantage_estimator {self.advantage_estimator!r}; valid: {', '.join(ADVANTAGE_ESTIMATORS)}")
+        if not 0 < self.top_entropy_fraction <= 1:
+            raise ValueError(f"top_entropy_fraction must be in (0, 1] (1 = every token; the 80/20 rule: 0.2), "
+                             f"got {self.top_entropy_fraction}")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1 (verl uses 3) or None, got {self.dual_clip}")
+        if self.max_sampling_rounds < 1:
+            raise ValueError(f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}: GRPO samples its G completions "
                              f"(greedy ones would be identical) and divides logits by it")
         self.sampling_params()  # checks top_p, top_k and max_completion_length
+
+    def objective_settings(self) -> dict:
+        """The per-token objective's settings, as `grpo_loss` and `check_objective` take them."""
+        return dict(loss_type=self.loss_type, policy_loss=self.policy_loss,
+                    importance_sampling_level=self.importance_sampling_level, epsilon_low=self.epsilon_low,
+                    epsilon_high=self.epsilon_high, delta=self.delta, dual_clip=self.dual_clip,
+                    cispo_max_ratio=self.cispo_max_ratio, sapo_temperature_pos=self.sapo_temperature_pos,
+                    sapo_temperature_neg=self.sapo_temperature_neg)
 
     def sampling_params(self) -> SamplingParams:
         """How the rollout draws its completions."""
@@ -141,6 +177,9 @@ class Rollout:
     texts: list[str] = field(default_factory=list)
     old_logprobs: torch.Tensor | None = None  # [B*G, C] only when num_iterations > 1
     ref_logprobs: torch.Tensor | None = None  # [B*G, C] only when beta > 0
+    entropies: torch.Tensor | None = None  # [B*G, C] rollout policy's token entropies, only when top_entropy_fraction < 1
+    token_mask: torch.Tensor | None = None  # [B*G, C] tokens that get the policy term (high_entropy_mask), likewise
+    row_indices: list[int] = field(default_factory=list)  # the rows' dataset indices (named when a step is skipped)
 
 
 class Trainer:
@@ -204,25 +243,52 @@ class Trainer:
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
     def rollout(self, rows: list[dict], row_indices: list[int], generator: torch.Generator) -> Rollout:
-        cfg = self.config
-        prompts = encode_prompts(self.family, rows, row_indices, cfg.max_prompt_length).to(self.device)
+        """G sampled completions for each of this process's prompts (no log-probs yet: `logprob_passes`)."""
+        prompts = self._prompts(rows, row_indices)
+        out = generate(self.family, self.policy, prompts, self.config.sampling_params(), group_size=self.config.group_size,
+                       generator=generator, synced=self.opt.zero_stage == 3)
+        batch = Rollout(rows, prompts, out.ids, out.mask, out.truncated, row_indices=list(row_indices))
+        batch.texts = decode_completions(self.family, out)
+        return batch
+
+    @torch.no_grad()
+    def _prompts(self, rows: list[dict], row_indices: list[int]) -> PromptBatch:
+        """The rows encoded for the model, with their image features computed once (shared_prefix)."""
+        prompts = encode_prompts(self.family, rows, row_indices, self.config.max_prompt_length).to(self.device)
         if self.opt.zero_stage == 3:  # a process without images would skip the tower's collective forward
             check_images_on_every_rank(prompts.images_per_prompt, row_indices, self.device)
         self.opt.train(False)
-        if cfg.shared_prefix:
+        if self.config.shared_prefix:
             prompts = with_image_features(self.family, self.model, prompts)  # vision once, for the rollout and every pass
-        out = generate(self.family, self.policy, prompts, cfg.sampling_params(), group_size=cfg.group_size,
-                       generator=generator, synced=self.opt.zero_stage == 3)
-        batch = Rollout(rows, prompts, out.ids, out.mask, out.truncated)
-        batch.texts = decode_completions(self.family, out)
-        if cfg.num_iterations > 1:
-            batch.old_logprobs = self._logprobs_all(self.policy, batch, batch.prompts)
+        return prompts
+
+    @torch.no_grad()
+    def logprob_passes(self, batch: Rollout) -> None:
+        """Fill in what the update needs from forwards without gradient: old-policy log-probs
+        (num_iterations > 1), the rollout policy's token entropies and the high-entropy token mask
+        over the whole step, all processes (top_entropy_fraction < 1), reference log-probs (beta > 0)."""
+        cfg = self.config
+        self.opt.train(False)
+        with_entropy = cfg.top_entropy_fraction < 1
+        if cfg.num_iterations > 1 or with_entropy:
+            logprobs = self._logprobs_all(self.policy, batch, with_entropy=with_entropy)
+            if with_entropy:
+                logprobs, batch.entropies = logprobs
+                batch.token_mask = high_entropy_mask(batch.entropies, self._loss_mask(batch), cfg.top_entropy_fraction)
+            if cfg.num_iterations > 1:
+                batch.old_logprobs = logprobs
         if self.ref_model is not None:
             ref_prompts = batch.prompts
             if cfg.shared_prefix and not self.ref_shares_vision:
                 ref_prompts = with_image_features(self.family, self.ref_model, batch.prompts)
             batch.ref_logprobs = self._logprobs_all(self.ref_model, batch, ref_prompts)
-        return batch
+
+    def _loss_mask(self, batch: Rollout) -> torch.Tensor:
+        """[B*G, C] the completion tokens the loss counts (without the truncated completions when asked)."""
+        mask = batch.completion_mask.clone()
+        if self.config.mask_truncated_completions:
+            mask[batch.truncated] = 0
+        return mask
 
     def _micro_batches(self, batch: Rollout, prompts: PromptBatch):
         """(completion indices, their distinct prompts, each completion's prompt among those) per micro-batch."""
@@ -232,21 +298,68 @@ class Trainer:
             groups = sorted({i // G for i in index})
             yield index, prompts.select(groups), [groups.index(i // G) for i in index]
 
-    def _logprobs(self, model, batch: Rollout, index, prompts, prompt_index) -> torch.Tensor:
+    def _logprobs(self, model, batch: Rollout, index, prompts, prompt_index, with_entropy: bool = False):
         return group_logprobs(self.family, model, prompts, prompt_index, batch.completion_ids[index],
-                              batch.completion_mask[index], self.config.temperature, shared_prefix=self.config.shared_prefix)
+                              batch.completion_mask[index], self.config.temperature, shared_prefix=self.config.shared_prefix,
+                              with_entropy=with_entropy)
 
-    def _logprobs_all(self, model, batch: Rollout, prompts: PromptBatch | None = None) -> torch.Tensor:
-        """Log-probs of every completion under `model` (`prompts`: batch.prompts by default)."""
-        parts = self._micro_batches(batch, batch.prompts if prompts is None else prompts)
-        return torch.cat([self._logprobs(model, batch, *part) for part in parts])
+    def _logprobs_all(self, model, batch: Rollout, prompts: PromptBatch | None = None, with_entropy: bool = False):
+        """Log-probs [B*G, C] of every completion under `model` (`prompts`: batch.prompts by default);
+        with_entropy: (log-probs, token entropies)."""
+        parts = [self._logprobs(model, batch, *part, with_entropy=with_entropy)
+                 for part in self._micro_batches(batch, batch.prompts if prompts is None else prompts)]
+        if with_entropy:
+            return tuple(torch.cat(column) for column in zip(*parts))
+        return torch.cat(parts)
 
     def score(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards [B*G] (weighted sum) and the per-function matrix [F, B*G] (NaN where None)."""
         G = self.config.group_size
         rows = [row for row in batch.rows for _ in range(G)]
-        results = call_reward_functions(self.reward_funcs, [row["prompt"] for row in rows], batch.texts, reward_columns(rows))
+        columns = reward_columns(rows, batch.completion_ids, batch.completion_mask)
+        results = call_reward_functions(self.reward_funcs, [row["prompt"] for row in rows], batch.texts, columns)
         return combine_rewards(results, self.reward_weights)
+
+    def dynamic_sample(self, batch: Rollout, rewards: torch.Tensor, per_func: torch.Tensor, row_indices: list[int]):
+        """DAPO's dynamic sampling (grpo/dynamic_sampling.py has the multi-process design): more rounds
+        of prompts_per_step prompts until the step has prompts_per_step groups whose rewards differ,
+        or max_sampling_rounds. Returns (batch, rewards, per_func) of this process's share of the
+        selected groups and the step's counters. Collective."""
+        cfg = self.config
+        rank, size = world()
+        wanted, G = cfg.prompts_per_step, cfg.group_size
+        used = step_row_indices(len(self.train_dataset), self.step, wanted, cfg.seed)
+        pool = gather_groups(local_groups(row_indices, batch.completion_ids, batch.completion_mask, batch.truncated,
+                                          batch.texts, rewards, per_func, G))
+        rounds = 1
+        while select_groups(pool, wanted).informative < wanted and rounds < cfg.max_sampling_rounds:
+            indices = refill_row_indices(len(self.train_dataset), self.step, rounds, wanted, cfg.seed, used)
+            used += indices
+            local = shard(indices, "prompts_per_step")
+            extra = self.rollout([self.train_dataset[i] for i in local], local, self._generator(rounds))
+            extra_rewards, extra_per_func = self.score(extra)
+            pool += gather_groups(local_groups(local, extra.completion_ids, extra.completion_mask, extra.truncated,
+                                               extra.texts, extra_rewards, extra_per_func, G))
+            rounds += 1
+        chosen, informative, dropped = select_groups(pool, wanted)
+        if informative < wanted and is_main_process():
+            print(f"[grpo] step {self.step + 1}: dynamic sampling found {informative} groups with a reward spread in "
+                  f"{rounds} rounds (max_sampling_rounds); the other {wanted - informative} trained are zero-spread",
+                  file=sys.stderr)
+        counters = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/informative_groups": informative,
+                    "dynamic_sampling/groups_dropped": dropped, "dynamic_sampling/extra_rollouts": (rounds - 1) * wanted * G}
+        if rounds == 1:  # the first round's groups, all of them, each trained where it was sampled
+            return batch, rewards, per_func, counters
+        per_process = wanted // size
+        mine = [pool[k] for k in chosen[rank * per_process : (rank + 1) * per_process]]
+        ids, mask = pad_groups(mine, self.family.pad_id)
+        indices = [group.row for group in mine]
+        rows = [self.train_dataset[i] for i in indices]
+        kept = Rollout(rows, self._prompts(rows, indices), ids.to(self.device), mask.to(self.device),
+                       torch.cat([group.truncated for group in mine]).to(batch.truncated.device),
+                       [text for group in mine for text in group.texts], row_indices=indices)
+        return (kept, torch.cat([group.rewards for group in mine]), torch.cat([group.per_func for group in mine], dim=1),
+                counters)
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """Group-normalised advantages [B*G] of this process's completions.
@@ -255,30 +368,26 @@ class Trainer:
         whole step's batch, exactly as on one process; groups never span processes.
         """
         everything = all_gather_cat(rewards.to(self.device))  # [world*B*G]
-        advantages = group_advantages(everything, self.config.group_size, scale=self.config.scale_rewards)
+        advantages = group_advantages(everything, self.config.group_size, scale=self.config.scale_rewards,
+                                      estimator=self.config.advantage_estimator)
         rank, _ = world()
         return advantages[rank * len(rewards) : (rank + 1) * len(rewards)].cpu()
 
     def update(self, batch: Rollout, advantages: torch.Tensor) -> dict[str, float]:
         """num_iterations optimizer updates over the rollout; returns loss/kl/clip_ratio/dual_clip_ratio/grad_norm.
 
-        Micro-batch losses are weighted by their share of the process's completions, and DeepSpeed
-        averages the processes: grpo and dr_grpo then equal one loss over the whole step's batch on
-        a single process. bnpo's token mean is taken per micro-batch (as in TRL), so with several
-        micro-batches it is the mean of their token means. dapo divides by the step's token count over
-        all processes (the same whatever the micro-batching) and is scaled by the world size to undo
-        DeepSpeed's averaging.
+        Each micro-batch's loss is weighted by `micro_batch_weights` (the one rule for every
+        aggregation and process count), so that the update and the logged numbers are the whole
+        step's batch on a single process.
         """
         cfg = self.config
         _, size = world()
         self.opt.train(True)
-        mask = batch.completion_mask.clone()
-        if cfg.mask_truncated_completions:
-            mask[batch.truncated] = 0
+        mask = self._loss_mask(batch)
         n = mask.shape[0]
         step_tokens = all_reduce_sum(mask.sum().to(self.device).float()).clamp(min=1).cpu()  # dapo's num_items_in_batch
         advantages = advantages.to(self.device)
-        averaged = ("kl", "clip_ratio", "dual_clip_ratio")  # grpo_loss's stats, averaged like the loss
+        averaged = ("kl", "clip_ratio", "dual_clip_ratio")  # grpo_loss's stats, averaged over the step's completions
         totals = {"loss": 0.0, "grad_norm": 0.0, **dict.fromkeys(averaged, 0.0)}
         # Cached image features carry no gradient: a trainable vision tower must see the pixels again.
         prompts = batch.prompts if cfg.freeze_vision_tower else batch.prompts.without_features()
@@ -287,22 +396,20 @@ class Trainer:
                 logprobs = self._logprobs(self.policy, batch, index, micro_prompts, prompt_index)  # [b, C]
                 old = batch.old_logprobs[index] if batch.old_logprobs is not None else logprobs.detach()
                 ref = batch.ref_logprobs[index] if batch.ref_logprobs is not None else None
+                token_mask = batch.token_mask[index] if batch.token_mask is not None else None
                 loss, stats = grpo_loss(
                     logprobs, old, advantages[index], mask[index].to(self.device), ref_logprobs=ref, beta=cfg.beta,
-                    epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, loss_type=cfg.loss_type,
                     max_completion_length=cfg.max_completion_length, num_items_in_batch=step_tokens.to(self.device),
-                    dual_clip=cfg.dual_clip,
+                    token_mask=token_mask, **cfg.objective_settings(),
                 )
-                weight = size if cfg.loss_type == "dapo" else len(index) / n
-                self.opt.backward(loss * weight)
-                totals["loss"] += loss.item() * (1.0 if cfg.loss_type == "dapo" else len(index) / n) / cfg.num_iterations
+                weights = micro_batch_weights(cfg.loss_type, len(index), n, size)
+                self.opt.backward(loss * weights.backward)
+                totals["loss"] += loss.item() * weights.logged / cfg.num_iterations
                 for key in averaged:
-                    totals[key] += float(stats[key]) * len(index) / n / cfg.num_iterations
+                    totals[key] += float(stats[key]) * weights.stats / cfg.num_iterations
             totals["grad_norm"] += self.opt.step() / cfg.num_iterations
-        # The step's loss and stats: dapo's per-process losses add up, everything else averages.
         reduced = all_reduce_sum(torch.tensor([totals["loss"], *(totals[k] for k in averaged)], device=self.device)).tolist()
-        totals["loss"] = reduced[0] if cfg.loss_type == "dapo" else reduced[0] / size
-        totals.update({key: value / size for key, value in zip(averaged, reduced[1:])})
+        totals.update(zip(("loss", *averaged), reduced))
         return totals
 
     # ------------------------------------------------------------------ loop
@@ -323,19 +430,21 @@ class Trainer:
         start = self.step if resume else None
         metrics_log = MetricsLog(cfg, start, "grpo", PROGRESS_SHOWN, completions=True) if main else None
         history = []
-        rank, _ = world()
         while self.step < cfg.max_steps:
             t0 = time.time()
             rows, row_indices = self._rows_for_step(self.step)
-            generator = torch.Generator(device=self.device).manual_seed(cfg.seed * 1_000_003 + self.step * 1009 + rank)
-            batch = self.rollout(rows, row_indices, generator)
+            batch = self.rollout(rows, row_indices, self._generator())
             rewards, per_func = self.score(batch)  # [B*G], [F, B*G]
+            counters = {}
+            if cfg.dynamic_sampling:
+                batch, rewards, per_func, counters = self.dynamic_sample(batch, rewards, per_func, row_indices)
+            self.logprob_passes(batch)
             advantages = self.advantages(rewards)
             stats = self.update(batch, advantages)
             self.step += 1
-            record = self._metrics(batch, rewards, per_func, stats, time.time() - t0)
+            record = {**self._metrics(batch, rewards, per_func, stats, time.time() - t0), **counters}
             record.update(self.guard.end_step(self.step, self.opt, {k: stats[k] for k in ("loss", "grad_norm")},
-                                              rows, row_indices))
+                                              batch.rows, batch.row_indices))
             # Reward-side counters are read before evaluation, so they count this step's training calls only.
             record.update(reward_stats(self.reward_funcs))
             if cfg.eval_steps and self.eval_dataset is not None and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps):
@@ -351,6 +460,11 @@ class Trainer:
         if main:
             metrics_log.close()
         return history
+
+    def _generator(self, round_: int = 0) -> torch.Generator:
+        """The sampling generator of this step (and round, for dynamic sampling's later ones) on this process."""
+        seed = self.config.seed * 1_000_003 + self.step * 1009 + world()[0] + round_ * _ROUND_SEED_OFFSET
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def evaluate(self) -> dict[str, float]:
         result = evaluate(self.policy, self.processor, self.eval_dataset, self.eval_reward_funcs,
@@ -387,10 +501,14 @@ class Trainer:
             "completion_length/min": lengths.min().item(),
             "completion_length/max": lengths.max().item(),
             "truncated_frac": truncated.mean().item(),
-            "frac_reward_zero_std": (rewards.view(-1, G).std(1) < 1e-6).float().mean().item(),
+            "frac_reward_zero_std": zero_spread_groups(rewards, G).float().mean().item(),
             "step_time": step_time,
             "tokens_per_sec": float(lengths.sum()) / step_time,
         })
+        if batch.entropies is not None:  # the rollout policy's mean token entropy, the share of tokens with a policy term
+            mask = batch.completion_mask.to(batch.entropies.dtype)
+            sums = all_reduce_sum(torch.stack([(batch.entropies * mask).sum(), mask.sum(), batch.token_mask.sum()]).float())
+            record.update({"entropy": (sums[0] / sums[1]).item(), "entropy_mask_frac": (sums[2] / sums[1]).item()})
         return record
 
     def _log_samples(self, log: MetricsLog, batch: Rollout, rewards, per_func, advantages) -> None:

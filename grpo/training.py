@@ -68,14 +68,18 @@ def rows_for_step(dataset, step: int, per_step: int, seed: int, name: str) -> tu
     """This process's rows of a step and their indices: a seeded permutation per epoch, so the data
     position is a function of the step (resuming continues exactly); `per_step` rows over all
     processes, split evenly (`name` is the config field that sets it, for the error)."""
-    n = len(dataset)
+    indices = shard(step_row_indices(len(dataset), step, per_step, seed), name)  # a group never spans processes
+    return [dataset[i] for i in indices], indices
+
+
+def step_row_indices(dataset_size: int, step: int, per_step: int, seed: int) -> list[int]:
+    """The row indices of a step over all processes (`rows_for_step` before the split)."""
     indices = []
     for k in range(step * per_step, (step + 1) * per_step):
-        epoch, offset = divmod(k, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * _EPOCH_SEED_STRIDE + epoch))
+        epoch, offset = divmod(k, dataset_size)
+        order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * _EPOCH_SEED_STRIDE + epoch))
         indices.append(int(order[offset]))
-    indices = shard(indices, name)  # a group never spans processes
-    return [dataset[i] for i in indices], indices
+    return indices
 
 
 # Seeds of consecutive runs' epoch permutations never collide for fewer than this many epochs (a prime).

@@ -22,6 +22,9 @@ Scenarios:
   resume_preempted  stopped/ resumed from "latest" to step 4.
   nonfinite  a 3-step GRPO run whose process 0 alone gets a NaN loss in step 2: every process
            records whether its weights, optimizer state and LR moved in each step.
+  variants dynamic sampling: 2 steps on rows of which every third has constant rewards; rank 0
+           writes each step's trained rows (all processes, in order) and counters. The 80/20 rule:
+           the fixed rollout's high-entropy token mask (top 20% over all processes) and one update.
 """
 
 from __future__ import annotations
@@ -187,6 +190,42 @@ def same(a, b) -> bool:
     if isinstance(a, list):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+def spread_unless_constant(prompts, completions, constant, **columns):
+    """0.5 for a `constant` row's completions, else 0, 1 by position: which groups have a reward spread
+    depends on the rows only, not on what each process happened to sample."""
+    return [0.5 if c else float(i % 2) for i, c in enumerate(constant)]
+
+
+def dynamic_sampling_run(zero, out_dir) -> dict:
+    model, processor, rows = tiny()
+    rows = [{**row, "constant": index % 3 != 1} for index, row in enumerate(rows)]
+    trainer = Trainer(model, processor, [spread_unless_constant], rows,
+                      config(os.path.join(out_dir, "dynamic"), zero, dynamic_sampling=True, max_sampling_rounds=4,
+                             max_steps=2, beta=0.0))
+    trained, update = [], trainer.update
+
+    def recording_update(batch, advantages):
+        trained.append([row_id for part in all_gather_objects([row["id"] for row in batch.rows]) for row_id in part])
+        return update(batch, advantages)
+
+    trainer.update = recording_update
+    history = trainer.train()
+    return {"trained": trained,
+            "counters": [{k: v for k, v in record.items() if k.startswith("dynamic_sampling/")} for record in history]}
+
+
+def entropy_mask_update(zero, out_dir) -> dict:
+    model, processor, rows = tiny()
+    trainer = Trainer(model, processor, [lambda prompts, completions, **c: [0.0] * len(completions)], rows,
+                      config(os.path.join(out_dir, "entropy"), zero, top_entropy_fraction=0.2))
+    rank, size = world()
+    per_rank = PROMPTS // size
+    batch, rewards = fixed_rollout(trainer.family, rows, len(processor.tokenizer), rank * per_rank, per_rank)
+    batch.prompts = batch.prompts.to(trainer.device)
+    trainer.logprob_passes(batch)
+    token_mask = [row for part in all_gather_objects(batch.token_mask.tolist()) for row in part]
+    stats = trainer.update(batch, trainer.advantages(rewards))
+    return {"token_mask": token_mask, "stats": stats}
 
 
 def main():
@@ -216,6 +255,7 @@ def run_scenario(scenario, zero, out_dir):
         if rank == 0:
             trainer.family.eos_ids = list(range(len(processor.tokenizer)))
         batch = trainer.rollout(rows[rank : rank + 1], [rank], torch.Generator().manual_seed(rank))
+        trainer.logprob_passes(batch)
         results = {"rank": rank, "lengths": batch.completion_mask.sum(1).tolist(),
                    "ref_logprobs_finite": bool(batch.ref_logprobs.isfinite().all())}
         gathered = [None] * world()[1]
@@ -329,6 +369,8 @@ def run_scenario(scenario, zero, out_dir):
         grpo.trainer.grpo_loss, trainer.update = loss_nan_on_process_0_in_step_2, update
         trainer.train()
         results = {"per_rank": all_gather_objects({"moved": moved, "skipped_updates": trainer.opt.skipped_updates})}
+    elif scenario == "variants":
+        results = {"dynamic": dynamic_sampling_run(zero, out_dir), "entropy": entropy_mask_update(zero, out_dir)}
     if is_main_process():
         with open(os.path.join(out_dir, f"{scenario}.json"), "w") as f:
             json.dump(results, f)

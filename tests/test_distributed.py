@@ -6,7 +6,8 @@ ZeRO-3; ZeRO-3 generation does not hang when processes finish decoding at differ
 refuses (rather than hangs on) prompts with images on one process and none on another; a ZeRO-3 run
 resumes exactly; a SIGTERM reaching one process stops every process after the same step with a
 checkpoint and EXIT_PREEMPTED, and the resumed run is the uninterrupted one; a NaN loss on one
-process makes every process skip the update.
+process makes every process skip the update; dynamic sampling and the 80/20 entropy threshold
+decide over the whole step.
 Each test launches tests/distributed_worker.py; see its docstring for the scenarios.
 """
 
@@ -49,7 +50,7 @@ def launch(scenarios: str, zero: str, out_dir, processes: int = 2, timeout: int 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    launch("update,sft", "none", out, processes=1)
+    launch("update,sft,variants", "none", out, processes=1)
     return out
 
 
@@ -99,6 +100,20 @@ def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single
         # A judge's counters from both processes: requests 1 + 2, latency the mean, a mean only rank 0 has.
         merged = json.loads((tmp_path / "stats.json").read_text())
         assert merged == {"counter/requests": 3, "counter/latency_p50": pytest.approx(0.15), "counter/integrity_mean": 0.5}
+
+
+def test_dynamic_sampling_and_the_entropy_threshold_decide_on_two_processes_as_on_one(single_process, tmp_path):
+    """DAPO's keep/drop rule and the 80/20 threshold are taken over the whole step: 2 processes
+    train the same groups in the same order with the same counters, and mask the same tokens."""
+    launch("variants", "zero2", tmp_path)
+    one, two = (json.loads((d / "variants.json").read_text()) for d in (single_process, tmp_path))
+    assert two["dynamic"] == one["dynamic"]
+    assert any(c["dynamic_sampling/rounds"] > 1 for c in one["dynamic"]["counters"])  # a refill happened
+    assert all(c["dynamic_sampling/informative_groups"] == 4 for c in one["dynamic"]["counters"])
+    mask = torch.tensor(one["entropy"]["token_mask"])
+    assert two["entropy"]["token_mask"] == one["entropy"]["token_mask"] and 0 < mask.sum() < mask.numel() / 2
+    for key in ("loss", "grad_norm", "kl"):
+        assert two["entropy"]["stats"][key] == pytest.approx(one["entropy"]["stats"][key], rel=1e-4, abs=1e-6), key
 
 
 def test_zero3_on_qwen3_vl_updates_like_one_process_and_decodes_unevenly(tmp_path):

@@ -30,6 +30,20 @@ def make_batch(seed=0, lengths=LENGTHS):
     return logprobs, old, ref, adv, mask
 
 
+def aggregation_weight(loss_type, i, counts, L, max_completion_length=None, num_items_in_batch=None):
+    """d loss / d (token term) for a masked token of sequence i (`counts`: each sequence's tokens)."""
+    B, total = len(counts), sum(counts)
+    if loss_type == "grpo":
+        return 1.0 / (B * max(counts[i], 1))
+    if loss_type == "bnpo":
+        return 1.0 / total
+    if loss_type == "dr_grpo":
+        return 1.0 / (B * (max_completion_length or L))
+    if loss_type == "dapo":
+        return 1.0 / (num_items_in_batch if num_items_in_batch is not None else total)
+    raise AssertionError(loss_type)
+
+
 def reference(logprobs, old, adv, mask, ref=None, beta=0.0, eps_low=0.2, eps_high=None, loss_type="grpo",
               max_completion_length=None, num_items_in_batch=None, dual_clip=None):
     """Returns (loss, d loss / d logprobs as nested lists, kl, clip_ratio, low_clips, high_clips, dual_clips)."""
@@ -41,16 +55,8 @@ def reference(logprobs, old, adv, mask, ref=None, beta=0.0, eps_low=0.2, eps_hig
     counts = [sum(1 for t in range(L) if m[i][t]) for i in range(B)]
     total = sum(counts)
 
-    def weight(i):  # d loss / d (token term) for a masked token of sequence i
-        if loss_type == "grpo":
-            return 1.0 / (B * max(counts[i], 1))
-        if loss_type == "bnpo":
-            return 1.0 / total
-        if loss_type == "dr_grpo":
-            return 1.0 / (B * (max_completion_length or L))
-        if loss_type == "dapo":
-            return 1.0 / (num_items_in_batch if num_items_in_batch is not None else total)
-        raise AssertionError(loss_type)
+    def weight(i):
+        return aggregation_weight(loss_type, i, counts, L, max_completion_length, num_items_in_batch)
 
     loss, kl_sum, low, high, dual = 0.0, 0.0, 0, 0, 0
     grad = [[0.0] * L for _ in range(B)]

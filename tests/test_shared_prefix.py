@@ -185,3 +185,32 @@ def test_trainer_steps_equal_with_and_without_shared_prefix(model64, tiny_parts,
     vision = [name for name in plain_params if "visual" in name]
     moved = any(not torch.equal(plain_params[name], model64.get_parameter(name)) for name in vision)
     assert moved == (not settings["freeze_vision_tower"])
+
+
+def test_token_entropies_from_the_log_prob_pass_on_both_paths(model64, family, toy_rows):
+    """`with_entropy=True` returns the same log-probs and each position's entropy of softmax(logits / T),
+    equal on the shared and plain paths; `gather_logprobs` computes it row by row as float64 would."""
+    from grpo.logprobs import gather_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 50, generator=g, dtype=torch.float64) * 3
+    ids = torch.randint(0, 50, (3, 4), generator=g)
+    logprobs, entropies = gather_logprobs(logits, ids, 0.7, with_entropy=True)
+    want = torch.distributions.Categorical(logits=logits / 0.7).entropy()
+    assert entropies.dtype == torch.float32
+    torch.testing.assert_close(entropies.double(), want, rtol=1e-5, atol=1e-5)  # fp32 of terms up to ~15
+    torch.testing.assert_close(logprobs, gather_logprobs(logits, ids, 0.7))
+
+    processor = family.processor
+    prompts = with_image_features(family, model64, encode_prompts(family, toy_rows[:2], [0, 1], max_prompt_length=4096))
+    for length in (1, 6):
+        ids, mask = ragged_completions(4, length, model64.config.text_config.vocab_size, processor.tokenizer.eos_token_id, seed=length)
+        with torch.no_grad():
+            shared = group_logprobs(family, model64, prompts, [0, 0, 1, 1], ids, mask, temperature=0.7, with_entropy=True)
+            plain = group_logprobs(family, model64, prompts, [0, 0, 1, 1], ids, mask, temperature=0.7, shared_prefix=False,
+                                   with_entropy=True)
+            alone = group_logprobs(family, model64, prompts, [0, 0, 1, 1], ids, mask, temperature=0.7)
+        torch.testing.assert_close(shared[0] * mask, alone * mask, **TIGHT)
+        torch.testing.assert_close(shared[1] * mask, plain[1] * mask, **TIGHT)
+        torch.testing.assert_close(plain[0] * mask, alone * mask, **TIGHT)
+        assert (shared[1][mask.bool()] > 0).all()
