@@ -9,7 +9,9 @@ bad settings fail saying what was found.
 """
 
 import copy
+import importlib.util
 import json
+import os
 import shutil
 
 import pytest
@@ -18,11 +20,12 @@ import torch
 peft = pytest.importorskip("peft")
 
 from data import make_toy_dataset, sft_target, to_prompt_rows  # noqa: E402
-from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, completion_logprobs, merge_lora  # noqa: E402
+from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, completion_logprobs  # noqa: E402
 from grpo.lora import REFERENCE  # noqa: E402
 from grpo.models import family_for, unwrap  # noqa: E402
 from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_DROPOUT = {"dropout": 0.0}  # dropout draws a different mask per forward: exact comparisons turn it off
 
 
@@ -48,6 +51,13 @@ def completions_of(batch, group_size):
     """The rollout's completions as token lists per prompt, for completion_logprobs."""
     ids = [row[mask.bool()].tolist() for row, mask in zip(batch.completion_ids, batch.completion_mask)]
     return [ids[i : i + group_size] for i in range(0, len(ids), group_size)]
+
+
+def merge_script():
+    spec = importlib.util.spec_from_file_location("merge_lora_script", os.path.join(ROOT, "examples", "merge_lora.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def randomise_adapters(model, seed=0):
@@ -187,7 +197,7 @@ def test_checkpoint_adapter_reloads_with_plain_peft_and_merges_to_the_same_logpr
         expected = completion_logprobs(trained, processor, rows, completions)
         reloaded = peft.PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), checkpoint).eval()
         got = completion_logprobs(reloaded, processor, rows, completions)
-        merged_dir = merge_lora(str(checkpoint), str(tmp_path / "merged"))
+        merged_dir = merge_script().main([str(checkpoint), str(tmp_path / "merged")])  # grpo.merge_lora, base from the adapter
         merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
         assert not any("lora" in k for k in merged.state_dict())
         from_merged = completion_logprobs(merged, processor, rows, completions)

@@ -65,8 +65,8 @@ def load_part(data: dict, source: str) -> list[dict]:
 
 
 def resolve_model(path: str) -> str:
-    """A hub name or a model directory as is; a training run's output directory -> its latest checkpoint."""
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+    """A hub name, a model or LoRA-adapter directory as is; a training run's output directory -> its latest checkpoint."""
+    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
         return path
     found = list_checkpoints(path)
     if not found:
