@@ -39,6 +39,7 @@ LORA_DEFAULTS = {
     "dropout": 0.05,  # on the adapter's input, training forwards only
     "target_modules": None,  # None: every nn.Linear of the language model; else PEFT's list of names or a regex
     "lora_vision": False,  # default targets include the vision tower and projector
+    "modules_to_save": None,  # modules trained whole beside the adapter (PEFT's), e.g. ["lm_head"] for a random head
 }
 REFERENCE = "reference"  # the frozen copy of a continued adapter that the reference pass switches to
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,7 +81,13 @@ def default_targets(model, family, lora_vision: bool) -> str:
     if not names:
         raise ValueError(f"{type(hf).__name__}: no nn.Linear layers outside the vision modules and the output head "
                          f"to put LoRA adapters on; name them in lora.target_modules")
-    patterns = {r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split(".")) for name in names}
+    # One pattern per layer position; kept literal where the general one would also match a module
+    # that is no target (the GELU between the Linears of a Sequential: `mlp.0`, `mlp.1`, `mlp.2`).
+    chosen, every = set(names), [name for name, _ in hf.named_modules()]
+    general = {name: r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
+               for name in names}
+    exact = {p: all(n in chosen for n in every if re.fullmatch(p, n)) for p in set(general.values())}
+    patterns = {p if exact[p] else re.escape(name) for name, p in general.items()}
     return "(?:" + "|".join(sorted(patterns)) + ")"
 
 
@@ -115,7 +122,7 @@ def lora_config(settings, model, family):
     if given:
         return dataclasses.replace(settings, task_type=None, target_modules=targets)
     return peft.LoraConfig(r=values["r"], lora_alpha=values["alpha"], lora_dropout=values["dropout"],
-                           target_modules=targets, task_type=None)
+                           target_modules=targets, modules_to_save=values["modules_to_save"], task_type=None)
 
 
 def prepare(model, family, settings):
@@ -202,10 +209,10 @@ def with_adapter(base, adapter_dir: str, trainable: bool = True):
 
 
 def adapter_parameters(model) -> list[torch.nn.Parameter]:
-    """The active adapter's parameters (what a checkpoint saves)."""
+    """The active adapter's parameters, modules_to_save included (what a checkpoint saves)."""
     model = getattr(model, "module", model)
     tag = f".{model.active_adapter}."
-    return [p for name, p in model.named_parameters() if "lora_" in name and tag in name]
+    return [p for name, p in model.named_parameters() if tag in name]
 
 
 def save_adapter(model, directory: str, gather_zero3: bool, write: bool) -> None:

@@ -299,3 +299,10 @@ def test_lora_settings_errors_say_what_was_found(tiny_parts, toy_rows, tmp_path)
     trainer = Trainer(copy.deepcopy(model), processor, [char_count], toy_rows[:4],
                       small_config(tmp_path, lora=peft.LoraConfig(r=4, target_modules=["qkv", "q_proj"])))
     assert trainer.vision_trains and not trainer.ref_shares_vision
+    # lora_vision: every Linear of the vision tower and the merger too (not the GELU between the merger's Linears).
+    trainer = Trainer(copy.deepcopy(model), processor, [char_count], toy_rows[:4], small_config(tmp_path, lora={"lora_vision": True}))
+    visual = unwrap(trainer.model).model.visual
+    assert all(name.endswith("base_layer") for name, m in visual.named_modules()
+               if type(m) is torch.nn.Linear and "lora_" not in name)
+    assert hasattr(visual.merger.mlp[0], "lora_A") and not hasattr(visual.merger.mlp[1], "lora_A")
+    assert trainer.vision_trains and not trainer.ref_shares_vision
