@@ -14,7 +14,7 @@ import torch
 
 from . import lora
 from .config import ConfigMixin
-from .distributed import Optimization, all_reduce_sum, check_images_on_every_rank, is_main_process, shard, world
+from .distributed import Optimization, all_reduce_sum, check_images_on_every_rank, is_main_process, world
 from .logprobs import plain_logprobs
 from .prompts import encode_prompts
 from .training import (

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -23,8 +22,7 @@ import torch
 from . import lora
 from .config import ConfigMixin
 from .distributed import (
-    Optimization, all_gather_cat, all_gather_objects, all_reduce_sum, check_images_on_every_rank, is_main_process, shard,
-    world,
+    Optimization, all_gather_cat, all_reduce_sum, check_images_on_every_rank, is_main_process, world,
 )
 from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
 from .evaluate import evaluate
@@ -87,6 +85,7 @@ class GRPOConfig(ConfigMixin):
     # gradient_checkpointing (no KV cache there); with freeze_vision_tower=False it runs the vision
     # tower again, once per prompt, with gradient. False = plain path: each completion its own prompt.
     # Runs under DeepSpeed ZeRO-2/3 too (tests/test_distributed.py); benchmarks/README.md has the speed-up.
+    # A model of no known family runs the plain path whatever this says (README: Model families).
     shared_prefix: bool = True
     # logging and checkpoints
     log_completions: int = 4  # completions per step written to completions.jsonl (0 = none)
@@ -164,9 +163,6 @@ class Trainer:
                 f"prompts_per_step {cfg.prompts_per_step} / {size} processes x group_size {cfg.group_size} = {local_completions}")
         seed_everything(cfg.seed + rank)
         self.model, self.processor, self.family = prepare_model(model, processor, cfg, self.device)
-        if cfg.shared_prefix and not self.family.fast_path:
-            print(f"[grpo] shared_prefix=True, but {self.family.name} models run the plain path: each completion is "
-                  f"forwarded with its own copy of the prompt", file=sys.stderr)
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not self.reward_funcs:
             raise ValueError("at least one reward function is needed")

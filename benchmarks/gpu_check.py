@@ -1,0 +1,294 @@
+"""GRPO at real model sizes on one GPU: s/step, tokens/s, peak memory, shared vs plain log-probs.
+
+    python benchmarks/gpu_check.py --json benchmarks/results/gpu_check.json           # one 80+ GB GPU, < 8 min
+    python benchmarks/gpu_check.py --device cpu --tiny --json /tmp/gpu_check_tiny.json  # CI size, CPU, seconds
+
+For each shape (Qwen2.5-VL-7B, Qwen3-VL-8B, Gemma-3-4B) the model is built from its published config
+values, written out below (no download), with random weights in bf16 directly on the GPU. The text goes
+through the in-repo tiny tokenizer of the family (grpo/tiny.py): with random weights the token ids only
+need to be in the real vocabulary's range (ids past the tiny tokenizer decode to nothing). The image
+processors keep the real settings, sized so a prompt carries ~400 visual tokens: Qwen2.5-VL 14-px
+patches merged 2x2, a 560 x 560 image -> 20 x 20 = 400 tokens; Qwen3-VL 16-px patches merged 2x2,
+640 x 640 -> 400 tokens; Gemma 3 a fixed 256 soft tokens per 896 x 896 image. Text fills each prompt to
+512 tokens. Each shape runs 3 GRPO steps of our Trainer (G = 4, 2 prompts per step, 256-token
+completions with EOS suppressed so every completion is full length, vision tower frozen), then one
+more rollout whose completions are scored with `grpo.logprobs.group_logprobs` on the shared-prefix and
+the plain path: the JSON records the largest |shared - plain| difference over completion tokens.
+
+Memory: full fine-tuning of a 7-8B model in bf16 holds the weights (2 bytes/parameter), their gradients
+and AdamW's two states (6 bytes per trainable parameter), and with beta > 0 a reference copy (2 more);
+about 75 GB for Qwen2.5-VL-7B before activations. Where that and an activation allowance do not fit
+the GPU, the shape runs with beta = 0 (no reference model) and the JSON says so (`beta`).
+
+`--device cpu --tiny` runs the same code on the tiny builders of grpo/tiny.py in float32 (small
+prompts and completions): what tests/test_gpu_check.py runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GROUP_SIZE, PROMPTS_PER_STEP, STEPS = 4, 2, 3
+ACTIVATION_ALLOWANCE = 16e9  # bytes kept free for activations and logits at 512 + 4 x 256 tokens per micro-batch
+BYTES_PER_TRAINABLE = 6  # bf16 gradient + AdamW exp_avg + exp_avg_sq (torch keeps them in the parameter dtype)
+
+# Published config values (the checkpoints' config.json), written out here so nothing is downloaded.
+SHAPES = {
+    # Qwen/Qwen2.5-VL-7B-Instruct
+    "qwen2_5_vl_7b": dict(
+        family="qwen2_5_vl", image_size=560, prompt_tokens=512, completion_tokens=256,
+        text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                  tie_word_embeddings=False),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", tokens_per_second=2),
+    ),
+    # Qwen/Qwen3-VL-8B-Instruct
+    "qwen3_vl_8b": dict(
+        family="qwen3_vl", image_size=640, prompt_tokens=512, completion_tokens=256,
+        text=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                  rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True},
+                  tie_word_embeddings=False),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"),
+    ),
+    # google/gemma-3-4b-it: 5 sliding-window (1024) layers to 1 global, linear RoPE scaling x8 on the
+    # global layers; SigLIP-So400m at 896 px (64 x 64 patches) average-pooled to 256 tokens.
+    "gemma3_4b": dict(
+        family="gemma3", image_size=896, prompt_tokens=512, completion_tokens=256,
+        text=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                  sliding_window=1024, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                  rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        vision=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                    num_attention_heads=16, image_size=896, patch_size=14, vision_use_head=False),
+        mm_tokens_per_image=256,
+    ),
+}
+# --tiny: the same families from grpo/tiny.py (56 x 56 images: 4 visual tokens), CI-size prompts and answers.
+TINY = dict(image_size=56, prompt_tokens=96, completion_tokens=8)
+
+
+def real_config(shape: dict, tiny_config):
+    """The shape's full-size config, with the special-token ids of the tiny tokenizer (`tiny_config`'s)."""
+    from transformers import Gemma3Config, Qwen2_5_VLConfig, Qwen3VLConfig
+
+    tiny_text = tiny_config.get_text_config()
+    special = dict(bos_token_id=tiny_text.bos_token_id, eos_token_id=tiny_text.eos_token_id,
+                   pad_token_id=tiny_text.pad_token_id)
+    text = {**shape["text"], **special}
+    if shape["family"] == "gemma3":
+        return Gemma3Config(text_config=text, vision_config=shape["vision"],
+                            mm_tokens_per_image=shape["mm_tokens_per_image"], boi_token_index=tiny_config.boi_token_index,
+                            eoi_token_index=tiny_config.eoi_token_index, image_token_index=tiny_config.image_token_index)
+    config_class = {"qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig}[shape["family"]]
+    ids = {key: getattr(tiny_config, key) for key in
+           ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    return config_class(text_config=text, vision_config=shape["vision"], tie_word_embeddings=text["tie_word_embeddings"],
+                        **ids)
+
+
+def real_processor(shape: dict, tiny_processor):
+    """The tiny processor's tokenizer with the real image settings (see the module docstring). The Qwen
+    processors already have them: `build` makes them with the shape's pixel budget."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    tokenizer, size = tiny_processor.tokenizer, shape["image_size"]
+    if shape["family"] == "gemma3":
+        return Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": size, "width": size}),
+                               tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+                               image_seq_length=shape["mm_tokens_per_image"])
+    return tiny_processor  # built with min_pixels = max_pixels = image_size ** 2 (`build`)
+
+
+def build(name: str, shape: dict, args):
+    """(model on the device, processor) for a shape; --tiny: the tiny builder's model itself."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from grpo.tiny import build_tiny_model_and_processor
+
+    if args.tiny:  # the builder's own image budget
+        tiny_model, tiny_processor = build_tiny_model_and_processor(family=shape["family"], seed=args.seed)
+        return tiny_model.to(args.device), tiny_processor
+    pixels = shape["image_size"] ** 2
+    tiny_model, tiny_processor = build_tiny_model_and_processor(family=shape["family"], min_pixels=pixels,
+                                                                max_pixels=pixels, seed=args.seed)
+    config = real_config(shape, tiny_model.config)
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):  # random init on the GPU: no 16 GB fp32 model in host memory first
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    text = config.get_text_config()
+    model.generation_config.eos_token_id = text.eos_token_id
+    model.generation_config.pad_token_id = text.pad_token_id
+    return model, real_processor(shape, tiny_processor)
+
+
+def make_rows(family, shape: dict, seed: int) -> list[dict]:
+    """PROMPTS_PER_STEP rows (a toy image + a question) whose prompts are `prompt_tokens` long (or the
+    nearest below: text is added a word at a time; the byte-level BPE counts words independently)."""
+    from data import make_toy_dataset
+
+    from grpo.prompts import encode_prompts
+
+    toy = make_toy_dataset(PROMPTS_PER_STEP, seed=seed, image_size=shape["image_size"])
+    tokenizer = family.processor.tokenizer
+    rows = []
+    for index, example in enumerate(toy):
+        words = (" ".join([example["question"], *example["options"], example["explanation"]]) + " ").split()
+        row = {"image": example["image"], "solution": example["solution"]}
+
+        def prompt(text):
+            return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+        row["prompt"] = prompt("")
+        room = shape["prompt_tokens"] - encode_prompts(family, [row], [index], 1 << 20).input_ids.shape[1]
+        text, count = [], 0
+        while True:
+            word = words[len(text) % len(words)]
+            cost = len(tokenizer(" " + word if text else word, add_special_tokens=False).input_ids)
+            if count + cost > room:
+                break
+            text.append(word)
+            count += cost
+        row["prompt"] = prompt(" ".join(text))
+        rows.append(row)
+    return rows
+
+
+def length_reward(prompts, completions, **columns):
+    """A cheap reward with a spread within a group (the update then has non-zero advantages)."""
+    return [float(len(c)) for c in completions]
+
+
+def run_shape(name: str, shape: dict, args) -> dict:
+    import torch
+
+    from grpo import GRPOConfig, Trainer
+    from grpo.logprobs import group_logprobs, with_image_features
+    from grpo.models import family_for
+    from grpo.prompts import encode_prompts
+
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model, processor = build(name, shape, args)
+    family = family_for(model, processor, quiet=True)
+    vision = {id(p) for module in family.vision_modules(model) for p in module.parameters()}
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if id(p) not in vision)
+    beta = args.beta
+    if cuda and beta > 0:
+        need = 2 * parameters * 2 + BYTES_PER_TRAINABLE * trainable + ACTIVATION_ALLOWANCE
+        if need > torch.cuda.get_device_properties(args.device).total_memory:
+            beta = 0.0  # no room for a reference copy (see the module docstring)
+    rows = make_rows(family, shape, args.seed)
+    build_s = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GRPOConfig(
+            output_dir=out, group_size=GROUP_SIZE, prompts_per_step=PROMPTS_PER_STEP,
+            completions_per_micro_batch=GROUP_SIZE, max_prompt_length=4 * shape["prompt_tokens"],
+            max_completion_length=shape["completion_tokens"], beta=beta, loss_type="grpo", num_iterations=1,
+            temperature=1.0, learning_rate=1e-6, max_steps=STEPS, save_steps=0, log_completions=0,
+            freeze_vision_tower=True, shared_prefix=True, seed=args.seed,
+        )
+        trainer = Trainer(model, processor, [length_reward], rows, cfg)
+        trainer.save = lambda step: None  # the end-of-run checkpoint (tens of GB at 7B) is not what is measured
+        fam = trainer.family
+        fam.forbidden_ids = sorted(set(fam.forbidden_ids) | set(fam.eos_ids))  # every completion full length
+        history = trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(args.device) if cuda else None
+
+        # One more rollout, scored on both paths (no gradient; plain prompts carry pixels, not cached features).
+        generator = torch.Generator(device=trainer.device).manual_seed(args.seed + 1)
+        batch = trainer.rollout(rows, list(range(len(rows))), generator)
+        trainer.opt.train(False)
+        prompt_index = [i // GROUP_SIZE for i in range(batch.completion_ids.shape[0])]
+        with torch.no_grad():
+            plain_prompts = encode_prompts(fam, rows, list(range(len(rows))), cfg.max_prompt_length).to(trainer.device)
+            shared = group_logprobs(fam, trainer.model, with_image_features(fam, trainer.model, plain_prompts),
+                                    prompt_index, batch.completion_ids, batch.completion_mask, shared_prefix=True)
+            plain = group_logprobs(fam, trainer.model, plain_prompts, prompt_index, batch.completion_ids,
+                                   batch.completion_mask, shared_prefix=False)
+        mask = batch.completion_mask.bool()
+        difference = (shared - plain).abs()[mask]
+        visual = int(batch.prompts.token_types.sum(1).max()) if batch.prompts.token_types.any() else None
+        if visual is None:  # families without a token-type row: count the image token
+            image_id = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
+            visual = int((batch.prompts.input_ids == image_id).sum(1).max())
+    step_s = [h["step_time"] for h in history]
+    timed = step_s[1:]  # the first step carries CUDA / allocator warm-up
+    result = {
+        "family": shape["family"], "parameters": parameters, "trainable_parameters": trainable,
+        "vocab_size": model.config.get_text_config().vocab_size, "dtype": str(next(model.parameters()).dtype),
+        "prompt_tokens": int(batch.prompts.attention_mask.sum(1).max()), "visual_tokens_per_prompt": visual,
+        "completion_tokens": shape["completion_tokens"], "group_size": GROUP_SIZE, "prompts_per_step": PROMPTS_PER_STEP,
+        "beta": beta, "reference_model": beta > 0, "build_s": build_s,
+        "step_s": step_s, "s_per_step": sum(timed) / len(timed),
+        "tokens_per_s": sum(h["tokens_per_sec"] for h in history[1:]) / len(timed),
+        "peak_gpu_memory_gib": peak / 2**30 if peak is not None else None,
+        "max_abs_logprob_diff_shared_vs_plain": float(difference.max()),
+        "mean_abs_logprob_diff_shared_vs_plain": float(difference.mean()),
+    }
+    del trainer, model, batch
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu")
+    parser.add_argument("--tiny", action="store_true", help="the tiny models of grpo/tiny.py (CI size), float32")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (0 where the reference does not fit)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the Trainer takes the GPU whenever it sees one
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --device cpu --tiny")
+    report = {"benchmark": "gpu_check", "tiny": args.tiny, "device": args.device,
+              "device_name": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+              "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "shapes": {}}
+    for name in args.shapes:
+        shape = {**SHAPES[name], **TINY} if args.tiny else SHAPES[name]
+        result = run_shape(name, shape, args)
+        report["shapes"][name] = result
+        print(f"{name}: {result['s_per_step']:.2f} s/step, {result['tokens_per_s']:.0f} tokens/s, "
+              f"max |shared - plain| {result['max_abs_logprob_diff_shared_vs_plain']:.2e}", flush=True)
+        assert math.isfinite(result["s_per_step"])
+    print(json.dumps(report, indent=1))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
