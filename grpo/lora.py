@@ -36,7 +36,10 @@ from .models import unwrap
 LORA_DEFAULTS = {
     "r": 16,  # rank
     "alpha": 32,  # scaling numerator: the update is (alpha / r) * B A
-    "dropout": 0.05,  # on the adapter's input, training forwards only
+    # On the adapter's input in training forwards. 0 by default: dropout copies each adapted layer's
+    # input (more activation memory than full fine-tuning, benchmarks/README.md) and makes the GRPO
+    # ratio and KL noisy (the policy's training forward is no longer the rollout's policy).
+    "dropout": 0.0,
     "target_modules": None,  # None: every nn.Linear of the language model; else PEFT's list of names or a regex
     "lora_vision": False,  # default targets include the vision tower and projector
     "modules_to_save": None,  # modules trained whole beside the adapter (PEFT's), e.g. ["lm_head"] for a random head

@@ -212,9 +212,9 @@ def test_checkpoint_adapter_reloads_with_plain_peft_and_merges_to_the_same_logpr
 
 def test_resumed_lora_run_equals_the_uninterrupted_run(tiny_parts, toy_rows, tmp_path):
     model, processor = tiny_parts
-    # Default dropout (0.05): its masks come from the RNG state the checkpoint restores.
+    # With dropout: its masks come from the RNG state the checkpoint restores.
     settings = dict(max_steps=4, save_steps=2, seed=3, num_iterations=2, lr_scheduler="cosine", warmup_steps=1,
-                    lora={"r": 8}, learning_rate=5e-3)
+                    lora={"r": 8, "dropout": 0.05}, learning_rate=5e-3)
     run_a = Trainer(copy.deepcopy(model), processor, [char_count], toy_rows[:8], small_config(tmp_path / "a", **settings))
     history_a = run_a.train()
     (tmp_path / "b").mkdir()
