@@ -74,7 +74,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
         print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in sides), flush=True)
     tokens = B * G * C
-    report = {"benchmark": "rollout", "config": args.config, "shape": shape, "model": common.describe(model),
+    report = {"benchmark": "rollout", "config": args.config, "shape": shape, "model": common.describe(model, processor),
               "tokens_per_rollout": tokens,
               "prompt_tokens": int(prompts.attention_mask.sum(1).max()), "started": started, "machine": common.machine(),
               "threads": args.threads, "repeats": args.repeats}

@@ -1,6 +1,7 @@
 """One GRPO step, ours vs TRL's GRPOTrainer, on the same model, data and settings.
 
     python benchmarks/bench_step.py --config paper-shape-small --against trl --json benchmarks/results/step_paper-shape-small.json
+    python benchmarks/bench_step.py --config paper-shape-small --family gemma3 --with-plain --json benchmarks/results/step_paper-shape-small_gemma3.json
 
 Both sides load one saved random-weight model directory and train on the same `prompts_per_step`
 rows every step (the dataset is exactly those rows), with G=4, beta=0.04, loss_type grpo,
@@ -9,6 +10,8 @@ per step over all completions, and EOS (and the vision tokens) suppressed in sam
 completion runs to max_completion_length on both sides. Each side runs in its own subprocess (so
 peak RSS is its own); the subprocesses alternate, `--rounds` times, and each times `--steps` steps
 after `--warmup` untimed ones. A step is rollout + rewards + backward + optimizer step.
+`--family` picks the model family (common.FAMILY_SHAPES; Qwen2.5-VL by default). Where TRL fails on a
+family, the report keeps our sides and records TRL's error instead of its time.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def run_trl(args, shape, rows) -> list[float]:
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     shape = common.CONFIGS[args.config]
-    rows = common.rows_for(args.config, shape["prompts_per_step"])  # every step: these prompts
+    rows = common.rows_for(args.config, shape["prompts_per_step"], args.family)  # every step: these prompts
     if args.worker == "trl":
         times = run_trl(args, shape, rows)
     else:
@@ -109,7 +112,7 @@ def worker(args) -> None:
 
 
 def spawn(args, side: str, model_dir: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--config", args.config,
+    command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--config", args.config, "--family", args.family,
                "--model-dir", model_dir, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -124,6 +127,8 @@ def spawn(args, side: str, model_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(common.CONFIGS), default="tiny")
+    parser.add_argument("--family", choices=common.FAMILIES, default=common.DEFAULT_FAMILY,
+                        help="model family (paper-shape-small: common.FAMILY_SHAPES)")
     parser.add_argument("--against", choices=["trl"], default="trl")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the sides (one subprocess each)")
@@ -140,15 +145,25 @@ def main() -> None:
 
     sides = ["ours", "ours-lora" if args.lora else args.against] + (["ours-plain"] if args.with_plain else [])
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    machine = common.machine()  # before the runs: its load average is the one the runs started under
     results = {side: [] for side in sides}
+    errors = {}  # side -> the end of its worker's error; it is not run again
     with tempfile.TemporaryDirectory() as model_dir:
-        model_info = common.save(args.config, model_dir)
-        print(f"{args.config}: {model_info}", flush=True)
+        model_info = common.save(args.config, model_dir, args.family)
+        print(f"{args.config} {args.family}: {model_info}", flush=True)
         for round_index in range(args.rounds):
             print(f"round {round_index + 1}/{args.rounds}", flush=True)
             order = sides if round_index % 2 == 0 else sides[::-1]  # alternate who goes first
             for side in order:
-                results[side].append(spawn(args, side, model_dir))
+                if side in errors:
+                    continue
+                try:
+                    results[side].append(spawn(args, side, model_dir))
+                except RuntimeError as error:
+                    if side != args.against:
+                        raise
+                    errors[side] = str(error)[-2000:]
+                    print(f"  {side} failed: {str(error)[-600:]}", flush=True)
 
     def summary(side):
         steps = [t for run in results[side] for t in run["step_s"]]
@@ -156,12 +171,15 @@ def main() -> None:
                 "peak_rss_mib": max(run["peak_rss_mib"] for run in results[side])}
 
     report = {
-        "benchmark": "grpo_step", "config": args.config, "shape": common.CONFIGS[args.config], "model": model_info,
+        "benchmark": "grpo_step", "config": args.config, "family": args.family, "shape": common.CONFIGS[args.config],
+        # for a family other than Qwen2.5-VL, what differs from `shape` (vision tower, image size, layer types)
+        "family_shape": common.FAMILY_SHAPES.get(args.family) if args.config == "paper-shape-small" else None,
+        "model": model_info,
         "settings": {"beta": 0.04, "loss_type": "grpo", "num_iterations": 1, "temperature": 1.0,
                      "freeze_vision_tower": True, "gradient_checkpointing": False, "eos_suppressed": True,
                      "rounds": args.rounds, "timed_steps_per_round": args.steps, "warmup_steps_per_round": args.warmup,
                      "threads": args.threads},
-        "started": started, "machine": common.machine(),
+        "started": started, "machine": machine,
     }
     if args.lora:
         full, lora = summary("ours"), summary("ours-lora")
@@ -171,13 +189,17 @@ def main() -> None:
                        "lora_speedup": full["step_s_median"] / lora["step_s_median"],
                        "full_step_s": full["step_s"], "lora_step_s": lora["step_s"]})
         return common.write_report(report, args.json, hide_suffix="_step_s")
-    ours, theirs = summary("ours"), summary(args.against)
-    report.update({
-        "ours_step_s_median": ours["step_s_median"], f"{args.against}_step_s_median": theirs["step_s_median"],
-        "speedup": theirs["step_s_median"] / ours["step_s_median"],
-        "ours_peak_rss_mib": ours["peak_rss_mib"], f"{args.against}_peak_rss_mib": theirs["peak_rss_mib"],
-        "ours_step_s": ours["step_s"], f"{args.against}_step_s": theirs["step_s"],
-    })
+    ours = summary("ours")
+    report.update({"ours_step_s_median": ours["step_s_median"], "ours_peak_rss_mib": ours["peak_rss_mib"],
+                   "ours_step_s": ours["step_s"]})
+    if args.against in errors:
+        report[f"{args.against}_error"] = errors[args.against]
+    else:
+        theirs = summary(args.against)
+        report.update({
+            f"{args.against}_step_s_median": theirs["step_s_median"], "speedup": theirs["step_s_median"] / ours["step_s_median"],
+            f"{args.against}_peak_rss_mib": theirs["peak_rss_mib"], f"{args.against}_step_s": theirs["step_s"],
+        })
     if args.with_plain:
         plain = summary("ours-plain")
         report.update({"ours_plain_step_s_median": plain["step_s_median"], "ours_plain_peak_rss_mib": plain["peak_rss_mib"],

@@ -81,7 +81,7 @@ def main() -> None:
         print(f"{medians[name]:8.3f} s  {name}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": args.config, "shape": shape, "model": common.describe(model), "stage_s_median": medians,
+            json.dump({"config": args.config, "shape": shape, "model": common.describe(model, processor), "stage_s_median": medians,
                        "machine": common.machine(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}, f, indent=1)
 

@@ -13,6 +13,7 @@ image the judge sees is the one the policy saw.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -63,20 +64,55 @@ class LazyImage(str):
         return f"LazyImage({str(self)!r}, min_pixels={self.min_pixels}, max_pixels={self.max_pixels})"
 
     def open_image(self) -> Image.Image:
-        with Image.open(str(self)) as image:
-            image = image.convert("RGB")
-        size = fit_to_budget(*image.size, self.min_pixels, self.max_pixels)
-        return image if size == image.size else image.resize(size, Image.BICUBIC)
+        return open_within_budget(str(self), self.min_pixels, self.max_pixels)
 
 
-def check_image(path: str) -> str | None:
-    """None when `path` is a readable image, else why not (missing file, unreadable or corrupt data)."""
-    if not os.path.isfile(path):
+class EncodedImage(bytes):
+    """An image file's bytes held in memory (a parquet row's image), decoded and sized on `open_image()`.
+
+    `name` (the file name the release stored with the bytes, or where the bytes came from) is what
+    its repr and error messages show, never the bytes.
+    """
+
+    name: str
+    min_pixels: int
+    max_pixels: int
+
+    def __new__(cls, data: bytes, name: str = "", min_pixels: int = DEFAULT_MIN_PIXELS,
+                max_pixels: int = DEFAULT_MAX_PIXELS):
+        image = super().__new__(cls, data)
+        image.name, image.min_pixels, image.max_pixels = name, min_pixels, max_pixels
+        return image
+
+    def __getnewargs__(self):
+        return bytes(self), self.name, self.min_pixels, self.max_pixels
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({self.name!r}, {len(self)} bytes, min_pixels={self.min_pixels}, max_pixels={self.max_pixels})"
+
+    def open_image(self) -> Image.Image:
+        return open_within_budget(io.BytesIO(self), self.min_pixels, self.max_pixels)
+
+
+def open_within_budget(source, min_pixels: int, max_pixels: int) -> Image.Image:
+    """The image at `source` (a path or a file object) as RGB, resized to fit the pixel budget."""
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+    size = fit_to_budget(*image.size, min_pixels, max_pixels)
+    return image if size == image.size else image.resize(size, Image.BICUBIC)
+
+
+def check_image(source: str | bytes) -> str | None:
+    """None when `source` (a path, or an image file's bytes) is a readable image, else why not
+    (missing file, unreadable or corrupt data)."""
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    elif not os.path.isfile(source):
         return "image file not found"
     try:
         # verify() checks the file's structure and checksums without decoding all pixels; it leaves
         # the image unusable, which is fine: rows open their images again later.
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.verify()
     except Exception as error:  # PIL raises several types for corrupt files
         return f"cannot read image ({type(error).__name__}: {error})"

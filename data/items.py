@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, LazyImage, check_image
+from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, EncodedImage, LazyImage, check_image
 
 logger = logging.getLogger("data")
 
@@ -55,6 +55,16 @@ class ItemChecker:
                 self.fail(file, where, field, f"{problem}: {path}")
         return LazyImage(path, self.min_pixels, self.max_pixels)
 
+    def encoded_image(self, data, name: str, file: str, where: str, field: str) -> EncodedImage:
+        """An image stored in the file itself (`data`: the image file's bytes; `name`: what to call it)."""
+        if not isinstance(data, bytes) or not data:
+            self.fail(file, where, field, f"expected the image file's bytes, got {type(data).__name__}")
+        if self.verify_images:
+            problem = check_image(data)
+            if problem:
+                self.fail(file, where, field, f"{problem}: {name}")
+        return EncodedImage(data, name, self.min_pixels, self.max_pixels)
+
     def add(self, rows: list, build) -> None:
         """Append `build()`'s row; a BadItem it raises is re-raised or counted, as the policy says."""
         try:
@@ -68,6 +78,22 @@ class ItemChecker:
         if self.skipped:
             logger.warning("%s: skipped %d bad item(s); first: %s", name, len(self.skipped), self.skipped[0])
         return Rows(rows, self.skipped)
+
+
+def make_ids_unique(rows: list[dict]) -> None:
+    """A repeated id keeps its first row's id; the others get `#<n>` added, so evaluation (which
+    matches finished records by id) never mixes two items up."""
+    seen: dict[str, int] = {}
+    for row in rows:
+        count = seen.get(row["id"], 0)
+        seen[row["id"]] = count + 1
+        if count:
+            row["id"] = f"{row['id']}#{count}"
+
+
+def same_text(a: str, b: str) -> bool:
+    """Equal once whitespace is collapsed and case folded (an answer text against an option text)."""
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
 
 
 def resolve(root: str, path: str) -> str:

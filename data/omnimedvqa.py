@@ -11,7 +11,7 @@ import json
 import os
 
 from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from data.items import ItemChecker, Rows, resolve
+from data.items import ItemChecker, Rows, make_ids_unique, resolve, same_text
 
 # The paper's out-of-domain sets: CT, dermoscopy, OCT and fundus photography.
 PAPER_DATASETS = ("Chest CT Scan", "ISIC2020", "Retinal OCT-C8", "Diabetic Retinopathy")
@@ -44,23 +44,8 @@ def load_omnimedvqa(root: str, datasets=PAPER_DATASETS, on_bad_item: str = "erro
         first = len(rows)
         for index, item in enumerate(items):
             checker.add(rows, lambda: _row(item, root, path, f"item {index}", name, index, checker))
-        _unique_ids(rows[first:])
+        make_ids_unique(rows[first:])  # a question_id repeated within one file
     return checker.finish(rows, f"OmniMedVQA {root}")
-
-
-def _unique_ids(rows: list[dict]) -> None:
-    """A question_id repeated within one file keeps its first row's id; the others get `#<n>` added,
-    so evaluation (which matches finished records by id) never mixes two items up."""
-    seen: dict[str, int] = {}
-    for row in rows:
-        count = seen.get(row["id"], 0)
-        seen[row["id"]] = count + 1
-        if count:
-            row["id"] = f"{row['id']}#{count}"
-
-
-def _same(a: str, b: str) -> bool:
-    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
 
 
 def _row(item, root, path, where, name, index, checker: ItemChecker) -> dict:
@@ -72,7 +57,7 @@ def _row(item, root, path, where, name, index, checker: ItemChecker) -> dict:
             break  # options are consecutive: A, B, then optionally C and D
         options.append(f"{letter}) {str(text).strip()}")
     answer = str(item["gt_answer"]).strip()
-    matches = [option for option in options if _same(option[3:], answer)]
+    matches = [option for option in options if same_text(option[3:], answer)]
     if len(matches) != 1:
         problem = "is not one of the options" if not matches else "matches several options"
         checker.fail(path, where, "gt_answer", f"{answer!r} {problem} {options}")

@@ -30,6 +30,7 @@ from data import INSTRUCTION, SYSTEM_PROMPT, TOY_FAMILIES, make_toy_dataset, sft
 from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, evaluate  # noqa: E402
 from grpo.distributed import is_main_process, launched_distributed  # noqa: E402
 from grpo.lora import is_adapter_checkpoint  # noqa: E402
+from grpo.plot import plot_runs  # noqa: E402
 from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
 from rewards import accuracy_reward, format_reward  # noqa: E402
 from toy_judge_stage import print_counters, start_toy_judge, train_r1  # noqa: E402
@@ -129,41 +130,6 @@ def stage_result(result: dict) -> dict:
             "mean_completion_tokens": result["mean_completion_tokens"], "judge": result["judge"]}
 
 
-def draw_curves(output_dir: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping curves.png (pip install -e '.[demo]')")
-        return None
-    with open(os.path.join(output_dir, "grpo", "metrics.jsonl")) as f:
-        grpo = [json.loads(line) for line in f]
-    with open(os.path.join(output_dir, "sft", "metrics.jsonl")) as f:
-        sft = [json.loads(line) for line in f]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    axes[0].plot([r["step"] for r in sft], [r["loss"] for r in sft])
-    axes[0].set_title("SFT loss (per token)")
-    steps = [r["step"] for r in grpo]
-    axes[1].plot(steps, [r["reward"] for r in grpo], label="total")
-    for key in ("rewards/format_reward/mean", "rewards/accuracy_reward/mean"):
-        axes[1].plot(steps, [r[key] for r in grpo], label=key.split("/")[1])
-    axes[1].legend()
-    axes[1].set_title("GRPO reward (train rollouts)")
-    evals = [r for r in grpo if "eval/accuracy" in r]
-    axes[2].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], marker="o")
-    axes[2].set_title("held-out accuracy (greedy)")
-    axes[3].plot(steps, [r["kl"] for r in grpo])
-    axes[3].set_title("KL to reference (k3)")
-    for ax in axes:
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    path = os.path.join(output_dir, "curves.png")
-    fig.savefig(path, dpi=100)
-    return path
-
-
 def run_single_stage(args, sft_rows, rl_rows):
     """One stage, possibly under torchrun + DeepSpeed; metrics go to <output-dir>/metrics.jsonl."""
     model, processor = build_model(args, sft_rows)
@@ -244,13 +210,14 @@ def run_stages(args, model, processor, sft_rows, rl_rows, test_rows, judge, t_st
     results = {"stages": stages, "seconds": elapsed, "settings": vars(args)}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    curves = draw_curves(out)
+    curves = os.path.join(out, "curves.png")
+    plot_runs([os.path.join(out, stage) for stage in ("sft", "grpo", "grpo_judge")], curves)
     print("\n| model | accuracy | format | mean completion tokens | mean judge score |\n|---|---|---|---|---|")
     for name, r in stages.items():
         print(f"| {name} | {100 * r['accuracy']:.1f} | {100 * r['format']:.1f} | {r['mean_completion_tokens']:.1f} "
               f"| {r['judge']:.3f} |")
     print_counters(counters, os.path.join(out, "grpo_judge"))
-    print(f"\nresults: {os.path.join(out, 'results.json')}" + (f", curves: {curves}" if curves else ""))
+    print(f"\nresults: {os.path.join(out, 'results.json')}, curves: {curves}")
     print(f"total time {elapsed / 60:.1f} min")
 
 

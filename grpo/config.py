@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
+import re
+import types
+import typing
 
 
 def unknown_key_error(key: str, valid, where: str) -> ValueError:
@@ -53,6 +57,31 @@ def load_yaml(path: str) -> dict:
     return merge(load_yaml(os.path.join(os.path.dirname(os.path.abspath(path)), parent)), values)
 
 
+def save_yaml(values: dict, path: str) -> None:
+    """`values` as a YAML file (keys in their order), e.g. a run's resolved config beside its checkpoints."""
+    import yaml
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """field -> its one-line doc: the comment after the field in the class's source, else the first sentence
+    of a comment block of several lines just above it (a one-line comment above is a section heading)."""
+    docs, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        match = re.match(r"(\w+): [^#]*?(?:#\s*(.*))?$", text) if line.startswith("    ") and not line.startswith("     ") else None
+        if match and not text.startswith(("def ", "return")):
+            docs[match.group(1)] = match.group(2) or (" ".join(above).split(". ")[0] if len(above) > 1 else "")
+        above = []
+    return docs
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     """`"grpo.learning_rate=1e-6"` -> (["grpo", "learning_rate"], 1e-06); the value is a YAML scalar."""
     import yaml
@@ -83,27 +112,68 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return result
 
 
+def type_matches(value, hint) -> bool:
+    """Whether `value` (read from YAML) fits the annotation `hint`: int, float (an int too), bool, str,
+    list[...], tuple[...], dict, `X | None`; any other annotation accepts anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(type_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, dict, list, tuple):
+        return isinstance(value, hint)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(type_matches, value, args))
+        return all(type_matches(item, args[0]) for item in value) if args else True
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def type_text(hint) -> str:
+    """An annotation as a reader writes it: `str | None`, `tuple[float, float]`."""
+    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
 class ConfigMixin:
-    """`from_dict` / `from_yaml` for a config dataclass: unknown keys rejected, YAML lists -> tuples."""
+    """`from_dict` / `from_yaml` for a config dataclass: unknown keys and values of the wrong type rejected
+    (naming the key and `source`), YAML lists -> tuples."""
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config"):
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        check_keys(values, fields, f"{source} ({cls.__name__})")
+        hints = typing.get_type_hints(cls)
+        where = f"{source} ({cls.__name__})"
+        check_keys(values, fields, where)
         converted = {}
         for key, value in values.items():
-            default = fields[key].default
             # YAML has no tuples; a field whose default is a tuple (adam_betas) takes the list as one.
-            if isinstance(value, list) and isinstance(default, tuple):
+            if isinstance(value, list) and isinstance(fields[key].default, tuple):
                 value = tuple(value)
             # YAML 1.1 reads 1e-6 (no dot) as a string; a float field takes it, or any int, as a number.
-            if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            takes_float = hints[key] is float or float in typing.get_args(hints[key])
+            if takes_float and isinstance(value, (int, str)) and not isinstance(value, bool):
                 try:
                     value = float(value)
                 except ValueError:
-                    raise ValueError(f"{source} ({cls.__name__}): {key} must be a number, got {value!r}") from None
+                    raise ValueError(f"{where}: {key} must be a number, got {value!r}") from None
+            # A lone name where a list is expected (report_to: wandb) is the config's own to accept.
+            if not type_matches(value, hints[key]) and not (isinstance(value, str) and typing.get_origin(hints[key]) is list):
+                raise ValueError(f"{where}: {key} must be {type_text(hints[key])}, got {value!r}")
             converted[key] = value
-        return cls(**converted)
+        try:
+            return cls(**converted)
+        except (ValueError, ImportError) as error:  # the checks of __post_init__, now naming the file
+            raise type(error)(f"{where}: {error}") from None
 
     @classmethod
     def from_yaml(cls, path: str, **overrides):

@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from .models import family_for, unwrap
-from .prompts import encode_prompts
+from .prompts import column, encode_prompts
 from .sampling import GREEDY, decode_completions, generate
 from .scoring import call_reward_functions, reward_columns, reward_name
 from .training import Progress
@@ -36,7 +36,7 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
     family = family_for(model, processor, quiet=True)
     params = replace(GREEDY, max_new_tokens=max_completion_length)
     device = next(unwrap(model).parameters()).device
-    ids = [dataset[i].get("id", i) for i in range(len(dataset))]
+    ids = [i if item_id is None else item_id for i, item_id in enumerate(column(dataset, "id"))]  # no image opened
     seen = {}
     for index, item_id in enumerate(ids):
         if item_id in seen:  # records are matched by id (resume, the returned list): two rows cannot share one

@@ -9,6 +9,7 @@ again (`select`) without re-running the processor.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,11 +19,14 @@ from .models.base import TEXT_KEYS
 
 
 def load_image(value, row_index: int, field: str = "image") -> Image.Image:
-    """A row's image as RGB: a PIL image, a path, or a lazy image. Errors name the row and the field.
+    """A row's image as RGB: a PIL image, a path, a lazy image, or a `{"bytes", "path"}` mapping (a
+    `datasets` Image column read without decoding). Errors name the row and the field.
 
     A lazy image is any object with an `open_image()` method returning a PIL image (for instance
     `data.images.LazyImage`, which also resizes to a pixel budget); it is opened only here, per batch.
     """
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
     if isinstance(value, Image.Image):
         return value.convert("RGB")
     if callable(getattr(value, "open_image", None)):
@@ -30,13 +34,21 @@ def load_image(value, row_index: int, field: str = "image") -> Image.Image:
             return value.open_image().convert("RGB")
         except Exception as error:
             raise ValueError(f"row {row_index}: field {field!r}: cannot open image {value!r}: {error}") from error
-    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+    if isinstance(value, (str, bytes, io.BytesIO)) or hasattr(value, "__fspath__"):
         try:
             with Image.open(value) as image:
                 return image.convert("RGB")
         except Exception as error:  # PIL raises several types for unreadable files
             raise ValueError(f"row {row_index}: field {field!r}: cannot read image {value!r}: {error}") from error
     raise ValueError(f"row {row_index}: field {field!r}: expected a PIL image or a path, got {type(value).__name__}")
+
+
+def column(dataset, name: str) -> list:
+    """Every row's field `name` (None where a row lacks it), read without loading the rows' other
+    fields where the dataset can: a `datasets.Dataset` reads that one column, decoding no image."""
+    if hasattr(dataset, "column_names"):  # a datasets.Dataset
+        return list(dataset[name]) if name in dataset.column_names else [None] * len(dataset)
+    return [dataset[i].get(name) for i in range(len(dataset))]
 
 
 def row_images(row: dict, row_index: int) -> list[Image.Image]:

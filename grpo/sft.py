@@ -6,9 +6,8 @@ Rows carry `prompt` (chat messages), `image`/`images`, and `completion`: the ass
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -16,9 +15,10 @@ from . import lora
 from .config import ConfigMixin
 from .distributed import Optimization, all_reduce_sum, check_images_on_every_rank, is_main_process, world
 from .logprobs import plain_logprobs
-from .prompts import encode_prompts
+from .prompts import column, encode_prompts
+from .tracking import MetricsLog, require_trackers
 from .training import (
-    JsonlLog, Progress, load_checkpoint, prepare_model, resolve_checkpoint, rows_for_step, save_checkpoint,
+    load_checkpoint, prepare_model, resolve_checkpoint, rows_for_step, save_checkpoint,
     seed_everything, setup_processes, start_output_dir,
 )
 
@@ -51,8 +51,10 @@ class SFTConfig(ConfigMixin):
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     overwrite_output_dir: bool = False  # a fresh run may replace the results of an earlier run in output_dir
+    report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard | wandb | mlflow
 
     def __post_init__(self):
+        self.report_to = require_trackers(self.report_to)
         if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
         lora.check_settings(self.lora, "SFTConfig")
@@ -75,6 +77,9 @@ def encode_targets(family, texts: list[str], max_length: int) -> tuple[torch.Ten
     return ids, mask, cut
 
 
+PROGRESS_SHOWN = {"loss": "loss", "tok/s": "tokens_per_sec"}  # the progress line: label -> metrics key
+
+
 class SFTTrainer:
     """Next-token cross-entropy on the assistant completion, prompt tokens masked out."""
 
@@ -89,9 +94,9 @@ class SFTTrainer:
         seed_everything(cfg.seed + rank)
         self.model, self.processor, self.family = prepare_model(model, processor, cfg, self.device)
         self.train_dataset = train_dataset
-        for index, row in enumerate(train_dataset):
-            for key in ("prompt", "completion"):
-                if not row.get(key):
+        for key in ("prompt", "completion"):  # these columns only: no image is opened
+            for index, value in enumerate(column(train_dataset, key)):
+                if not value:
                     raise ValueError(f"train_dataset row {index}: missing field {key!r}")
         self.opt = Optimization(self.model, cfg, total_updates=cfg.max_steps,
                                 micro_batches_per_update=cfg.batch_size // size // cfg.micro_batch_size,
@@ -123,8 +128,7 @@ class SFTTrainer:
             self.step = load_checkpoint(resume, self.opt)["step"]
         start_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         main = is_main_process()
-        log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), self.step if resume else None) if main else None
-        progress = Progress(cfg.max_steps, self.step, "sft") if main else None
+        log = MetricsLog(cfg, self.step if resume else None, "sft", PROGRESS_SHOWN) if main else None
         history = []
         _, size = world()
         self.opt.train(True)
@@ -154,8 +158,9 @@ class SFTTrainer:
             history.append(record)
             if main:
                 log.write(record)
-                progress.update(self.step, loss=record["loss"])
             if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.max_steps:
                 save_checkpoint(cfg.output_dir, self.step, self.opt, self.processor, {"config": asdict(cfg)},
                                 cfg.save_total_limit)
+        if main:
+            log.close()
         return history

@@ -13,7 +13,6 @@ One training step:
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -27,11 +26,12 @@ from .distributed import (
 from .objective import LOSS_TYPES, SCALE_MODES, group_advantages, grpo_loss
 from .evaluate import evaluate
 from .logprobs import group_logprobs, with_image_features
-from .prompts import PromptBatch, encode_prompts
+from .prompts import PromptBatch, column, encode_prompts
 from .sampling import SamplingParams, decode_completions, generate
 from .scoring import call_reward_functions, combine_rewards, reward_columns, reward_name, reward_stats
+from .tracking import MetricsLog, require_trackers
 from .training import (
-    JsonlLog, Progress, load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, rows_for_step,
+    load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, rows_for_step,
     save_checkpoint, seed_everything, setup_processes, start_output_dir, vision_modules_equal, vision_trains,
 )
 
@@ -95,8 +95,10 @@ class GRPOConfig(ConfigMixin):
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     overwrite_output_dir: bool = False  # a fresh run may replace the results of an earlier run in output_dir
+    report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard | wandb | mlflow
 
     def __post_init__(self):
+        self.report_to = require_trackers(self.report_to)
         if self.group_size < 2:
             raise ValueError(f"group_size must be at least 2 (got {self.group_size}): advantages compare within a group")
         completions = self.prompts_per_step * self.group_size
@@ -125,6 +127,10 @@ class GRPOConfig(ConfigMixin):
                               top_p=self.top_p, top_k=self.top_k)
 
 
+# The progress line: label -> metrics key (the eval accuracy shows its last value between evaluations).
+PROGRESS_SHOWN = {"reward": "reward", "kl": "kl", "eval acc": "eval/accuracy"}
+
+
 @dataclass
 class Rollout:
     """Everything one step carries from sampling to the update (prompt-major, completion i -> prompt i // G)."""
@@ -142,8 +148,8 @@ class Rollout:
 class Trainer:
     """GRPO on a Hugging Face vision-language model.
 
-    `train_dataset`: a list (or indexable sequence) of rows; each row needs `prompt` (chat messages)
-    and `image` (PIL image or path) or `images`; every other field is passed to the reward functions
+    `train_dataset`: a list, a `datasets.Dataset` or any indexable sequence of rows; each row needs
+    `prompt` (chat messages) and `image` (PIL image, path, lazy image or {bytes, path}) or `images`; every other field is passed to the reward functions
     as a column. `reward_funcs`: callables `f(prompts, completions, **columns) -> list[float | None]`
     (sync or async). `model`: a loaded model or a name/path for `from_pretrained`.
     """
@@ -172,8 +178,8 @@ class Trainer:
         self.train_dataset = train_dataset
         if len(train_dataset) < cfg.prompts_per_step:
             raise ValueError(f"train_dataset has {len(train_dataset)} rows, fewer than prompts_per_step={cfg.prompts_per_step}")
-        for index, row in enumerate(train_dataset):
-            if not row.get("prompt"):
+        for index, prompt in enumerate(column(train_dataset, "prompt")):  # the prompts only: no image is opened
+            if not prompt:
                 raise ValueError(f"train_dataset row {index}: missing field 'prompt' (chat messages)")
         self.eval_dataset = eval_dataset
         self.eval_reward_funcs = eval_reward_funcs or self.reward_funcs
@@ -325,9 +331,7 @@ class Trainer:
         start_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
         main = is_main_process()
         start = self.step if resume else None
-        metrics_log = JsonlLog(os.path.join(cfg.output_dir, "metrics.jsonl"), start) if main else None
-        samples_log = JsonlLog(os.path.join(cfg.output_dir, "completions.jsonl"), start) if main else None
-        progress = Progress(cfg.max_steps, self.step, "grpo") if main else None
+        metrics_log = MetricsLog(cfg, start, "grpo", PROGRESS_SHOWN, completions=True) if main else None
         history = []
         rank, _ = world()
         while self.step < cfg.max_steps:
@@ -347,10 +351,11 @@ class Trainer:
             history.append(record)
             if main:
                 metrics_log.write(record)
-                self._log_samples(samples_log, batch, rewards, advantages)
-                progress.update(self.step, reward=record["reward"], kl=record["kl"])
+                self._log_samples(metrics_log, batch, rewards, per_func, advantages)
             if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.max_steps:
                 self.save(self.step)
+        if main:
+            metrics_log.close()
         return history
 
     def evaluate(self) -> dict[str, float]:
@@ -394,8 +399,12 @@ class Trainer:
         })
         return record
 
-    def _log_samples(self, log: JsonlLog, batch: Rollout, rewards, advantages) -> None:
+    def _log_samples(self, log: MetricsLog, batch: Rollout, rewards, per_func, advantages) -> None:
+        names = [reward_name(func) for func in self.reward_funcs]
+        samples = []
         for i in range(min(self.config.log_completions, len(batch.texts))):
             row = batch.rows[i // self.config.group_size]
-            log.write({"step": self.step, "id": row.get("id"), "completion": batch.texts[i],
-                       "reward": rewards[i].item(), "advantage": advantages[i].item()})
+            each = {name: None if value.isnan() else value.item() for name, value in zip(names, per_func[:, i])}
+            samples.append({"id": row.get("id"), "completion": batch.texts[i], "reward": rewards[i].item(),
+                            "rewards": each, "advantage": advantages[i].item()})
+        log.write_completions(self.step, samples)

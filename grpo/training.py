@@ -232,7 +232,7 @@ class Progress:
         done = step - self.start
         rate = (time.time() - self.t0) / max(1, done)
         eta = rate * (self.total - step)
-        shown = " ".join(f"{k} {v:.3f}" for k, v in values.items())
+        shown = " ".join(f"{k} {v:.0f}" if abs(v) >= 100 else f"{k} {v:.3f}" for k, v in values.items())
         line = f"[{self.label}] step {step}/{self.total} {shown} | {rate:.2f} s/step | ETA {eta / 60:.1f} min"
         if self.tty:
             sys.stderr.write("\r" + line + ("\n" if step == self.total else ""))
@@ -299,6 +299,16 @@ def list_checkpoints(output_dir: str) -> list[str]:
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name))]
     return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def resolve_model(path: str) -> str:
+    """A hub name, a model or LoRA-adapter directory as is; a training run's output_dir -> its latest checkpoint."""
+    if not os.path.isdir(path) or lora.is_adapter_checkpoint(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path} holds no checkpoint (nor a config.json): run the stage that writes it first")
+    return found[-1]
 
 
 def resolve_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:

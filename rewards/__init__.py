@@ -6,8 +6,10 @@ async (the trainer awaits it alongside the others) and has a `stats()` the train
 """
 
 from rewards.accuracy import AccuracyReward, accuracy_reward, parse_option
+from rewards.answer import AnswerReward, TokenOverlap, answer_reward, normalise_answer, token_overlap, vqa_metrics
 from rewards.format import extract_answer, extract_think, format_reward
-from rewards.judge import DEFAULT_RUBRIC, JudgeReward, parse_scores
+from rewards.judge import DEFAULT_RUBRIC, OPEN_RUBRIC, JudgeReward, parse_scores
 
 __all__ = ["format_reward", "AccuracyReward", "accuracy_reward", "extract_answer", "extract_think", "parse_option",
-           "JudgeReward", "DEFAULT_RUBRIC", "parse_scores"]
+           "AnswerReward", "answer_reward", "vqa_metrics", "normalise_answer", "token_overlap", "TokenOverlap",
+           "JudgeReward", "DEFAULT_RUBRIC", "OPEN_RUBRIC", "parse_scores"]

@@ -16,6 +16,23 @@ def tiny_parts(toy_rows):
     return model, processor
 
 
+@pytest.fixture
+def decoded_batches(monkeypatch):
+    """The number of prompts of each batch grpo.evaluate decodes (to check what a resumed evaluation redoes)."""
+    import importlib
+
+    module = importlib.import_module("grpo.evaluate")  # the module: `grpo.evaluate` the attribute is the function
+    decoded = []
+    real_generate = module.generate
+
+    def counting_generate(family, model, prompts, *args, **kwargs):
+        decoded.append(len(prompts))
+        return real_generate(family, model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(module, "generate", counting_generate)
+    return decoded
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # Tiny models run fastest single-threaded; two threads on a shared 2-core machine thrash.

@@ -522,6 +522,32 @@ def test_the_key_comes_from_the_environment(serve, waits, monkeypatch):
     assert SECRET not in repr(judge)
 
 
+def test_open_and_closed_rows_are_graded_against_their_reference_answer(serve, waits):
+    """Rows without options (data.medvqa's closed / open rows): the open rubric, the reference answer
+    as the standard answer, an image given as a `datasets` {bytes, path} mapping, and a fallback that
+    checks the answer by its type."""
+    import io
+
+    server = serve(reply_with(scores(1.0, 0.5)))
+    judge = make_judge(server)
+    buffer = io.BytesIO()
+    tile().save(buffer, format="PNG")
+    completions = ["<think>The hilum is clear.</think><answer>The left lung</answer>", "<think>x</think><answer>yes</answer>"]
+    got = asyncio.run(judge(None, completions, solution=["left lung", "yes"], image=[{"bytes": buffer.getvalue(), "path": None}] * 2,
+                            question=["Where is the nodule?", "Is there a nodule?"], options=[None, None],
+                            answer_type=["open", "closed"]))
+    assert got == [0.75, 0.75]
+    texts = [request["body"]["messages"][0]["content"][0]["text"] for request in server.requests]
+    assert all("no options were given" in t and "elimination of at least two wrong options" not in t for t in texts)
+    assert "<<<BEGIN STANDARD ANSWER>>>\nleft lung\n<<<END STANDARD ANSWER>>>" in texts[0]
+    assert server.requests[0]["body"]["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+    # A judge that cannot be reached: the fallback checks each answer as its type says (normalised match).
+    down = make_judge(serve(lambda index, body, headers: (503, "down", {})), max_retries=0)
+    fallback = asyncio.run(down(None, completions + ["<think>x</think><answer>yes, probably</answer>"],
+                                solution=["left lung", "yes", "yes"], answer_type=["open", "closed", "closed"]))
+    assert fallback == [0.5, 0.5, 0.0]
+
+
 def test_a_rubric_without_the_sections_is_refused():
     with pytest.raises(ValueError, match="lacks the fields"):
         JudgeReward("http://x/v1", "m", rubric="Grade {question} and {thinking}.")

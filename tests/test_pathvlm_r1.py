@@ -8,7 +8,6 @@ resumes an interrupted evaluation without decoding finished items again.
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -92,7 +91,7 @@ def judge_url():
     server.shutdown()
 
 
-def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(workdir, monkeypatch, capsys, judge_url):
+def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(workdir, monkeypatch, capsys, judge_url, decoded_batches):
     monkeypatch.chdir(workdir)
     tiny = str(workdir / "tiny")
     script("split").main(["--sizes", "12", "6", "6", "--on-bad-item", "skip"])
@@ -187,12 +186,9 @@ def test_every_paper_config_runs_in_order_then_evaluation_writes_the_tables(work
     # Interrupted evaluation: two items lost and the last line cut mid-write. The rerun decodes only those two.
     lines = records_path.read_text().splitlines()
     records_path.write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])
-    decoded = []
-    module = sys.modules["grpo.evaluate"]
-    real_generate = module.generate
-    monkeypatch.setattr(module, "generate", lambda family, model, prompts, *a, **kw: decoded.append(len(prompts)) or real_generate(family, model, prompts, *a, **kw))
+    decoded_batches.clear()
     again = evaluate.main(eval_args + ["--only", "R1-7B"])
-    assert decoded == [2]
+    assert decoded_batches == [2]
     assert again == summary
     assert sorted(records_path.read_text().splitlines()) == sorted(lines)
     # Everything finished: the model (7B on a real run) is not even loaded.

@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from data import load_pathmmu, select_part, to_prompt_rows  # noqa: E402
 from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
 from data.pathmmu import PAPER_SUBSETS, SPLITS  # noqa: E402
-from grpo.config import apply_overrides, check_keys, load_yaml  # noqa: E402
-from grpo.training import list_checkpoints, load_model, load_processor  # noqa: E402
+from grpo.config import apply_overrides, check_keys, load_yaml, save_yaml, unknown_key_error  # noqa: E402
+from grpo.training import check_output_dir, load_model, load_processor, resolve_model  # noqa: E402
 
 # The `data:` section: where PathMMU lives, which frozen split part to use, and the image budget.
 DATA_DEFAULTS = {
@@ -64,16 +64,6 @@ def load_part(data: dict, source: str) -> list[dict]:
     return to_prompt_rows(part, source=f"{data['manifest']} part {data['part']}")
 
 
-def resolve_model(path: str) -> str:
-    """A hub name, a model or LoRA-adapter directory as is; a training run's output directory -> its latest checkpoint."""
-    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
-        return path
-    found = list_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path} holds no checkpoint: run the stage that writes it first (see the README)")
-    return found[-1]
-
-
 def load_policy(path: str, dtype: str, device=None):
     """Model and processor from a hub name, a model directory or a run.
 
@@ -97,8 +87,103 @@ def load_policy(path: str, dtype: str, device=None):
 
 def save_run_config(config: dict, output_dir: str) -> None:
     """The resolved config next to the run's checkpoints: what was run, overrides included."""
-    import yaml
+    save_yaml(config, os.path.join(output_dir, "run_config.yaml"))
+
+
+def pick_rewards(config: dict, available: dict, source: str) -> tuple[list, list[float]]:
+    """The reward functions a config's `rewards:` names (from `available`) and its `reward_weights` (default 1 each)."""
+    funcs = []
+    for name in config["rewards"]:
+        if name not in available:
+            raise unknown_key_error(name, available, f"{source} [rewards]")
+        funcs.append(available[name])
+    weights = [float(w) for w in config["reward_weights"]] if config["reward_weights"] is not None else [1.0] * len(funcs)
+    if len(weights) != len(funcs):
+        raise ValueError(f"{source}: {len(weights)} reward_weights for {len(funcs)} rewards {config['rewards']}")
+    return funcs, weights
+
+
+def train_grpo(config: dict, grpo_config, rows: list[dict], reward_funcs: list, weights: list[float]):
+    """Load `config["model"]`, record the resolved config next to the run, and run GRPO on `rows`."""
+    from grpo import Trainer
+
+    # Before loading the model or writing run_config.yaml: an earlier run there is never half-replaced.
+    check_output_dir(grpo_config.output_dir, grpo_config.resume_from_checkpoint, grpo_config.overwrite_output_dir)
+    model, processor = load_policy(config["model"], grpo_config.dtype)
+    save_run_config(config, grpo_config.output_dir)
+    trainer = Trainer(model, processor, reward_funcs, rows, grpo_config, reward_weights=weights)
+    trainer.train()
+    return trainer
+
+
+def records_path(config: dict, model: str, dataset: str) -> str:
+    """Where the evaluation of `model` on `dataset` keeps its records (one JSON line per item)."""
+    return os.path.join(config["output_dir"], "records", model, f"{dataset}.jsonl")
+
+
+def read_records(path: str) -> dict:
+    """Records already written to `path`, by id (a line cut by an interruption is ignored)."""
+    import json
+
+    records = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in filter(str.strip, f):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                records[record["id"]] = record
+    return records
+
+
+def evaluate_model(name: str, path: str, datasets: dict, config: dict, scorers: list, load=load_policy) -> None:
+    """Greedy-decode every dataset's unfinished items with one model (loaded with `load` only when some
+    are left) and append their records, resumably; prints each dataset's accuracy and output length."""
+    import torch
+
+    from grpo import evaluate
+    from grpo.distributed import default_device
+
+    todo = {dataset: rows for dataset, rows in datasets.items()
+            if not {row["id"] for row in rows} <= set(read_records(records_path(config, name, dataset)))}
+    if not todo:
+        print(f"[{name}] every dataset already evaluated ({', '.join(datasets)}); not loading the model")
+        return
+    model, processor = load(path, config["dtype"], device=default_device())
+    for dataset, rows in todo.items():
+        result = evaluate(model, processor, rows, scorers, batch_size=config["batch_size"],
+                          max_completion_length=config["max_completion_length"],
+                          max_prompt_length=config["max_prompt_length"], output_path=records_path(config, name, dataset),
+                          resume=True, progress=f"{name} / {dataset}")
+        print(f"[{name}] {dataset}: accuracy {100 * result['accuracy']:.2f}%, "
+              f"mean output tokens {result['mean_completion_tokens']:.1f} ({len(rows)} items)")
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next model needs the memory
+
+
+def summarise_records(config: dict, datasets: dict, score) -> dict:
+    """{model: {dataset: score(records, rows) + complete}} over the items whose records are on disk
+    (so runs split by model or interrupted add up); `score` gets the done items' records and rows."""
+    summary = {}
+    for name in config["models"]:
+        for dataset, rows in datasets.items():
+            records = read_records(records_path(config, name, dataset))
+            done = [row for row in rows if row["id"] in records]
+            if done:
+                result = score([records[row["id"]] for row in done], done)
+                summary.setdefault(name, {})[dataset] = {**result, "complete": len(done) == len(rows)}
+    return summary
+
+
+def write_results(output_dir: str, summary: dict, tables: str, tables_name: str) -> None:
+    """summary.json and the Markdown tables under `output_dir`; the tables are printed too."""
+    import json
 
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "run_config.yaml"), "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(output_dir, tables_name), "w") as f:
+        f.write(tables)
+    print(tables)

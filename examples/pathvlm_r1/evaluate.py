@@ -14,20 +14,15 @@ An interrupted run resumes where it stopped: finished items are read back, not d
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import load_config, load_part, load_policy, parse_args  # noqa: E402
+from common import evaluate_model, load_config, load_part, load_policy, parse_args, summarise_records, write_results  # noqa: E402
 
 from data import load_omnimedvqa, to_prompt_rows  # noqa: E402
-from grpo import evaluate  # noqa: E402
-from grpo.distributed import default_device  # noqa: E402
 from grpo.config import check_keys, unknown_key_error  # noqa: E402
 from rewards import accuracy_reward, format_reward  # noqa: E402
 
@@ -68,62 +63,15 @@ def load_datasets(config: dict, source: str) -> dict[str, list[dict]]:
     return datasets
 
 
-def finished_ids(path: str) -> set:
-    """Ids of the records already written to `path` (a cut last line is ignored)."""
-    if not os.path.exists(path):
-        return set()
-    ids = set()
-    with open(path) as f:
-        for line in filter(str.strip, f):
-            try:
-                ids.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError):
-                continue
-    return ids
-
-
-def evaluate_model(name: str, path: str, datasets: dict, config: dict) -> None:
-    records = {dataset: os.path.join(config["output_dir"], "records", name, f"{dataset}.jsonl") for dataset in datasets}
-    todo = {dataset: rows for dataset, rows in datasets.items()
-            if not {row["id"] for row in rows} <= finished_ids(records[dataset])}
-    if not todo:
-        print(f"[{name}] every dataset already evaluated ({', '.join(datasets)}); not loading the model")
-        return
-    model, processor = load_policy(path, config["dtype"], device=default_device())
-    for dataset, rows in todo.items():
-        out = records[dataset]
-        result = evaluate(model, processor, rows, SCORERS, batch_size=config["batch_size"],
-                          max_completion_length=config["max_completion_length"],
-                          max_prompt_length=config["max_prompt_length"], output_path=out, resume=True,
-                          progress=f"{name} / {dataset}")
-        print(f"[{name}] {dataset}: accuracy {100 * result['accuracy']:.2f}%, "
-              f"mean output tokens {result['mean_completion_tokens']:.1f} ({len(rows)} items)")
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the next model needs the memory
-
-
 def summarise(config: dict, datasets: dict) -> dict:
     """Per model and dataset, from the records on disk (so runs split with --only add up)."""
-    summary = {}
-    for name in config["models"]:
-        for dataset, rows in datasets.items():
-            path = os.path.join(config["output_dir"], "records", name, f"{dataset}.jsonl")
-            if not os.path.exists(path):
-                continue
-            with open(path) as f:
-                records = {r["id"]: r for r in map(json.loads, filter(str.strip, f))}
-            done = [records[row["id"]] for row in rows if row["id"] in records]
-            if not done:
-                continue
-            summary.setdefault(name, {})[dataset] = {
-                "accuracy": 100 * sum(r[accuracy_reward.__name__] for r in done) / len(done),
+
+    def score(done: list[dict], rows: list[dict]) -> dict:
+        return {"accuracy": 100 * sum(r[accuracy_reward.__name__] for r in done) / len(done),
                 "format": 100 * sum(r[format_reward.__name__] for r in done) / len(done),
-                "mean_output_tokens": sum(r["tokens"] for r in done) / len(done),
-                "items": len(done),
-                "complete": len(done) == len(rows),
-            }
-    return summary
+                "mean_output_tokens": sum(r["tokens"] for r in done) / len(done), "items": len(done)}
+
+    return summarise_records(config, datasets, score)
 
 
 def _cell(result: dict | None, key: str, total: int) -> str:
@@ -182,15 +130,9 @@ def main(argv=None):
         if args.only and name not in args.only:
             continue
         chosen = {k: v for k, v in datasets.items() if k == IN_DOMAIN or name in ood_models}
-        evaluate_model(name, path, chosen, config)
+        evaluate_model(name, path, chosen, config, SCORERS, load_policy)
     summary = summarise(config, datasets)
-    os.makedirs(config["output_dir"], exist_ok=True)
-    with open(os.path.join(config["output_dir"], "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    text = tables(summary, datasets, config)
-    with open(os.path.join(config["output_dir"], "tables.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(config["output_dir"], summary, tables(summary, datasets, config), "tables.md")
     return summary
 
 

@@ -15,11 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import load_config, load_part, load_policy, parse_args, save_run_config  # noqa: E402
+from common import load_config, load_part, parse_args, pick_rewards, train_grpo  # noqa: E402
 
-from grpo import GRPOConfig, Trainer  # noqa: E402
-from grpo.config import unknown_key_error  # noqa: E402
-from grpo.training import check_output_dir  # noqa: E402
+from grpo import GRPOConfig  # noqa: E402
 from rewards import accuracy_reward, format_reward  # noqa: E402
 
 REWARDS = {"format": format_reward, "accuracy": accuracy_reward}
@@ -43,14 +41,7 @@ def make_judge(settings: dict, source: str):
 
 
 def build_rewards(config: dict, source: str) -> tuple[list, list[float]]:
-    funcs = []
-    for name in config["rewards"]:
-        if name not in REWARDS:
-            raise unknown_key_error(name, REWARDS, f"{source} [rewards]")
-        funcs.append(REWARDS[name])
-    weights = [float(w) for w in config["reward_weights"]] if config["reward_weights"] is not None else [1.0] * len(funcs)
-    if len(weights) != len(funcs):
-        raise ValueError(f"{source}: {len(weights)} reward_weights for {len(funcs)} rewards {config['rewards']}")
+    funcs, weights = pick_rewards(config, REWARDS, source)
     if config["judge"]:
         judge, weight = make_judge(config["judge"], source)
         funcs.append(judge)
@@ -64,13 +55,7 @@ def main(argv=None):
     grpo_config = GRPOConfig.from_dict(config["grpo"] or {}, source=f"{args.config} [grpo]")
     reward_funcs, weights = build_rewards(config, args.config)
     rows = load_part(config["data"], args.config)
-    # Before loading the model or writing run_config.yaml: an earlier run there is never half-replaced.
-    check_output_dir(grpo_config.output_dir, grpo_config.resume_from_checkpoint, grpo_config.overwrite_output_dir)
-    model, processor = load_policy(config["model"], grpo_config.dtype)
-    save_run_config(config, grpo_config.output_dir)
-    trainer = Trainer(model, processor, reward_funcs, rows, grpo_config, reward_weights=weights)
-    trainer.train()
-    return trainer
+    return train_grpo(config, grpo_config, rows, reward_funcs, weights)
 
 
 if __name__ == "__main__":
