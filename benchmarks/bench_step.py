@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-SIDES = ("ours", "trl", "ours-plain")
+SIDES = ("ours", "trl", "ours-plain", "ours-lora")
+LORA = {"r": 16, "alpha": 32}  # --lora: our step with a rank-16 adapter on the language model (README: LoRA)
 
 
 def length_reward(prompts, completions, **columns):
@@ -38,7 +39,7 @@ def length_reward(prompts, completions, **columns):
     return [float(len(c if isinstance(c, str) else c[-1]["content"])) for c in completions]
 
 
-def run_ours(args, shape, rows, shared_prefix: bool) -> list[float]:
+def run_ours(args, shape, rows, shared_prefix: bool, lora=None) -> list[float]:
     from grpo import GRPOConfig, Trainer
 
     with tempfile.TemporaryDirectory() as out:
@@ -47,7 +48,7 @@ def run_ours(args, shape, rows, shared_prefix: bool) -> list[float]:
             completions_per_micro_batch=shape["prompts_per_step"] * shape["group_size"], max_prompt_length=4096,
             max_completion_length=shape["max_completion_length"], beta=0.04, loss_type="grpo", num_iterations=1,
             temperature=1.0, learning_rate=1e-6, max_steps=args.warmup + args.steps, save_steps=0, log_completions=0,
-            freeze_vision_tower=True, dtype="float32", shared_prefix=shared_prefix, seed=0,
+            freeze_vision_tower=True, dtype="float32", shared_prefix=shared_prefix, seed=0, lora=lora,
         )
         trainer = Trainer(args.model_dir, args.model_dir, [length_reward], rows, cfg)
         family = trainer.family
@@ -105,7 +106,8 @@ def worker(args) -> None:
     if args.worker == "trl":
         times = run_trl(args, shape, rows)
     else:
-        times = run_ours(args, shape, rows, shared_prefix=args.worker == "ours")
+        times = run_ours(args, shape, rows, shared_prefix=args.worker != "ours-plain",
+                         lora=LORA if args.worker == "ours-lora" else None)
     print("RESULT " + json.dumps({"side": args.worker, "step_s": times, "peak_rss_mib": common.peak_rss_mib()}))
 
 
@@ -134,13 +136,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every side")
     parser.add_argument("--with-plain", action="store_true", help="also time our plain path (shared_prefix=False)")
+    parser.add_argument("--lora", action="store_true", help="ours with a rank-16 LoRA adapter against ours fully fine-tuned, instead of TRL")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
-    sides = ["ours", args.against] + (["ours-plain"] if args.with_plain else [])
+    sides = ["ours", "ours-lora" if args.lora else args.against] + (["ours-plain"] if args.with_plain else [])
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     machine = common.machine()  # before the runs: its load average is the one the runs started under
     results = {side: [] for side in sides}
@@ -178,6 +181,14 @@ def main() -> None:
                      "threads": args.threads},
         "started": started, "machine": machine,
     }
+    if args.lora:
+        full, lora = summary("ours"), summary("ours-lora")
+        report.update({"lora": LORA, "full_step_s_median": full["step_s_median"], "lora_step_s_median": lora["step_s_median"],
+                       "full_peak_rss_mib": full["peak_rss_mib"], "lora_peak_rss_mib": lora["peak_rss_mib"],
+                       "lora_memory_fraction": lora["peak_rss_mib"] / full["peak_rss_mib"],
+                       "lora_speedup": full["step_s_median"] / lora["step_s_median"],
+                       "full_step_s": full["step_s"], "lora_step_s": lora["step_s"]})
+        return common.write_report(report, args.json, hide_suffix="_step_s")
     ours = summary("ours")
     report.update({"ours_step_s_median": ours["step_s_median"], "ours_peak_rss_mib": ours["peak_rss_mib"],
                    "ours_step_s": ours["step_s"]})

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import INSTRUCTION, SYSTEM_PROMPT, TOY_FAMILIES, make_toy_dataset, sft_target, to_prompt_rows  # noqa: E402
 from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, evaluate  # noqa: E402
 from grpo.distributed import is_main_process, launched_distributed  # noqa: E402
+from grpo.lora import is_adapter_checkpoint  # noqa: E402
 from grpo.plot import plot_runs  # noqa: E402
 from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
 from rewards import accuracy_reward, format_reward  # noqa: E402
@@ -63,6 +64,9 @@ def parse_args(argv=None):
     parser.add_argument("--freeze-vision-tower", action="store_true",
                         help="freeze the vision tower in GRPO as the paper does (its tower is pretrained; ours is not)")
     parser.add_argument("--max-completion-length", type=int, default=64)
+    parser.add_argument("--lora", choices=["continue", "merge"], default=None,
+                        help="LoRA (rank 16) instead of full fine-tuning: GRPO continues the SFT adapter (its reference "
+                             "is the SFT model), or trains a fresh adapter on the merged SFT model")
     # The `deepspeed` launcher appends --local_rank=N; the trainers read LOCAL_RANK from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -93,16 +97,24 @@ def build_model(args, sft_rows):
     return build_tiny_model_and_processor(corpus=corpus, seed=args.seed, vocab_size=1024, min_pixels=side, max_pixels=side)
 
 
+def lora_settings(args) -> dict | None:
+    # The toy's tower and output head are random, not pretrained: the adapter covers the tower too
+    # (unless it is frozen) and the head trains whole (its random logits are too flat to be steered).
+    # Dropout 0.05 as in the README's table (its run).
+    return ({"r": 16, "alpha": 32, "dropout": 0.05, "lora_vision": not args.freeze_vision_tower,
+             "modules_to_save": ["lm_head"]} if args.lora else None)
+
+
 def sft_config(args, output_dir: str, steps: int) -> SFTConfig:
     # The random vision tower is trained too: there is no pretrained encoder to keep (the paper
     # freezes a pretrained one).
     return SFTConfig(output_dir=output_dir, batch_size=16, micro_batch_size=8 if args.deepspeed else 16,
                      learning_rate=args.sft_lr, max_steps=steps, warmup_steps=5, lr_scheduler="cosine",
                      freeze_vision_tower=False, seed=args.seed, save_steps=0, deepspeed=args.deepspeed,
-                     overwrite_output_dir=args.stage == "all" or args.overwrite)
+                     overwrite_output_dir=args.stage == "all" or args.overwrite, lora=lora_settings(args))
 
 
-def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0) -> GRPOConfig:
+def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0, lora=None) -> GRPOConfig:
     # The paper's G=4 and beta=0.04. The paper freezes a pretrained vision tower; ours was trained
     # from scratch for a few hundred SFT steps, so by default GRPO may improve it too.
     return GRPOConfig(output_dir=output_dir, group_size=4, prompts_per_step=args.prompts_per_step,
@@ -110,7 +122,7 @@ def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0) -> GRPOC
                       completions_per_micro_batch=16 if args.deepspeed else 4 * args.prompts_per_step,
                       max_completion_length=args.max_completion_length, learning_rate=args.grpo_lr, beta=0.04,
                       max_steps=steps, seed=args.seed, save_steps=0, eval_steps=eval_steps, eval_batch_size=100,
-                      deepspeed=args.deepspeed, overwrite_output_dir=args.stage == "all" or args.overwrite)
+                      deepspeed=args.deepspeed, overwrite_output_dir=args.stage == "all" or args.overwrite, lora=lora)
 
 
 def stage_result(result: dict) -> dict:
@@ -124,8 +136,10 @@ def run_single_stage(args, sft_rows, rl_rows):
     if args.stage == "sft":
         trainer = SFTTrainer(model, processor, sft_rows, sft_config(args, args.output_dir, args.max_steps or args.sft_steps))
     else:
+        fresh = args.lora and not (args.init and is_adapter_checkpoint(args.init))  # an adapter --init continues
         trainer = Trainer(model, processor, [format_reward, accuracy_reward], rl_rows,
-                          grpo_config(args, args.output_dir, args.max_steps or args.grpo_steps))
+                          grpo_config(args, args.output_dir, args.max_steps or args.grpo_steps,
+                                      lora=lora_settings(args) if fresh else None))
     t0 = time.time()
     history = trainer.train()
     if is_main_process():
@@ -173,12 +187,15 @@ def run_stages(args, model, processor, sft_rows, rl_rows, test_rows, judge, t_st
     # Stage 1 (Alpha): SFT on the explanations.
     sft = SFTTrainer(model, processor, sft_rows, sft_config(args, os.path.join(out, "sft"), args.sft_steps))
     sft.train()
-    stages["sft"] = run_eval("sft", model)
+    stages["sft"] = run_eval("sft", sft.model)
 
-    # Stage 2 (Beta): GRPO from the SFT model with format + accuracy rewards.
+    # Stage 2 (Beta): GRPO from the SFT model with format + accuracy rewards. Under --lora the SFT
+    # model is base + adapter: GRPO continues that adapter, or trains a fresh one on the merged model.
     judge.stats()  # its evaluations' counters start from zero: the standalone evaluations above are not this stage's
-    grpo = Trainer(copy.deepcopy(model), processor, [format_reward, accuracy_reward], rl_rows,
-                   grpo_config(args, os.path.join(out, "grpo"), args.grpo_steps, eval_steps=max(1, args.grpo_steps // 5)),
+    beta_start = sft.model.merge_and_unload() if args.lora == "merge" else sft.model
+    grpo = Trainer(copy.deepcopy(beta_start), processor, [format_reward, accuracy_reward], rl_rows,
+                   grpo_config(args, os.path.join(out, "grpo"), args.grpo_steps, eval_steps=max(1, args.grpo_steps // 5),
+                               lora=lora_settings(args) if args.lora == "merge" else None),
                    eval_dataset=test_rows[:100], eval_reward_funcs=scorers)
     grpo.train()
     stages["grpo"] = run_eval("grpo", grpo.model)

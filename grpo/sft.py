@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import lora
 from .config import ConfigMixin
 from .distributed import Optimization, all_reduce_sum, check_images_on_every_rank, is_main_process, world
 from .logprobs import plain_logprobs
@@ -43,6 +44,7 @@ class SFTConfig(ConfigMixin):
     freeze_vision_tower: bool = True
     dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    lora: dict | None = None  # LoRA through PEFT, as GRPOConfig.lora: None = full fine-tuning (README: LoRA)
     deepspeed: str | dict | None = None  # None | "zero2" | "zero3" | path to a DeepSpeed JSON | a dict
     offload_optimizer: bool = False  # DeepSpeed: optimizer states in CPU memory
     offload_params: bool = False  # DeepSpeed ZeRO-3: parameters in CPU memory
@@ -59,6 +61,7 @@ class SFTConfig(ConfigMixin):
         check_guard_settings(self)
         if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
+        lora.check_settings(self.lora, "SFTConfig")
 
 
 def encode_targets(family, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -16,12 +16,14 @@ One training step:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import lora
 from .config import ConfigMixin
 from .distributed import (
     Optimization, all_gather_cat, all_reduce_sum, check_images_on_every_rank, is_main_process, shard,
@@ -42,6 +44,7 @@ from .tracking import MetricsLog, require_trackers
 from .training import (
     load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, rows_for_step,
     save_checkpoint, seed_everything, setup_processes, start_output_dir, step_row_indices, vision_modules_equal,
+    vision_trains,
 )
 
 
@@ -94,6 +97,10 @@ class GRPOConfig(ConfigMixin):
     freeze_vision_tower: bool = True  # the paper trains the language model only
     dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # LoRA through PEFT (grpo/lora.py, README: LoRA): None = full fine-tuning; a dict of r, alpha, dropout,
+    # target_modules, lora_vision (or a peft.LoraConfig) trains a fresh adapter, the reference being the
+    # policy with its adapters off. A model that already carries an adapter continues it with lora=None.
+    lora: dict | None = None
     # scale-out (grpo/distributed.py); prompts_per_step is global and split evenly over the processes
     deepspeed: str | dict | None = None  # None | "zero2" | "zero3" | path to a DeepSpeed JSON | a dict
     offload_optimizer: bool = False  # DeepSpeed: optimizer states in CPU memory
@@ -146,6 +153,7 @@ class GRPOConfig(ConfigMixin):
             raise ValueError(f"temperature must be > 0, got {self.temperature}: GRPO samples its G completions "
                              f"(greedy ones would be identical) and divides logits by it")
         self.sampling_params()  # checks top_p, top_k and max_completion_length
+        lora.check_settings(self.lora, "GRPOConfig")
 
     def objective_settings(self) -> dict:
         """The per-token objective's settings, as `grpo_loss` and `check_objective` take them."""
@@ -220,11 +228,16 @@ class Trainer:
                 raise ValueError(f"train_dataset row {index}: missing field 'prompt' (chat messages)")
         self.eval_dataset = eval_dataset
         self.eval_reward_funcs = eval_reward_funcs or self.reward_funcs
-        # The reference is copied before DeepSpeed partitions the policy.
+        # The reference is copied before DeepSpeed partitions the policy. Under LoRA there is none to
+        # copy (ref_model stays None): the policy with its adapters switched off is the reference.
         self.ref_model = prepare_reference_model(ref_model, self.model, cfg, self.device) if cfg.beta > 0 else None
+        self.vision_trains = vision_trains(self.family, self.model)
         # The reference may reuse the policy's image features only while both towers are the same and frozen.
-        self.ref_shares_vision = self.ref_model is not None and cfg.freeze_vision_tower and vision_modules_equal(
-            self.family.vision_modules(self.model), self.family.vision_modules(self.ref_model))
+        if self.ref_model is not None:
+            self.ref_shares_vision = not self.vision_trains and vision_modules_equal(
+                self.family.vision_modules(self.model), self.family.vision_modules(self.ref_model))
+        else:
+            self.ref_shares_vision = cfg.beta > 0 and not lora.adapts(self.family.vision_modules(self.model))
         self.opt = Optimization(self.model, cfg, total_updates=cfg.max_steps * cfg.num_iterations,
                                 micro_batches_per_update=local_completions // cfg.completions_per_micro_batch,
                                 micro_batch_size=cfg.completions_per_micro_batch)
@@ -277,11 +290,8 @@ class Trainer:
                 batch.token_mask = high_entropy_mask(batch.entropies, self._loss_mask(batch), cfg.top_entropy_fraction)
             if cfg.num_iterations > 1:
                 batch.old_logprobs = logprobs
-        if self.ref_model is not None:
-            ref_prompts = batch.prompts
-            if cfg.shared_prefix and not self.ref_shares_vision:
-                ref_prompts = with_image_features(self.family, self.ref_model, batch.prompts)
-            batch.ref_logprobs = self._logprobs_all(self.ref_model, batch, ref_prompts)
+        if cfg.beta > 0:
+            batch.ref_logprobs = self.reference_logprobs(batch)
 
     def _loss_mask(self, batch: Rollout) -> torch.Tensor:
         """[B*G, C] the completion tokens the loss counts (without the truncated completions when asked)."""
@@ -289,6 +299,20 @@ class Trainer:
         if self.config.mask_truncated_completions:
             mask[batch.truncated] = 0
         return mask
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Rollout) -> torch.Tensor:
+        """Log-probs [B*G, C] under the frozen reference: the reference model, or under LoRA the policy
+        switched to the reference (adapters off, or the continued adapter's frozen starting copy)."""
+        if self.ref_model is not None:
+            model, mode = self.ref_model, contextlib.nullcontext()
+        else:
+            model, mode = self.policy, lora.reference_mode(self.model)
+        with mode:
+            prompts = batch.prompts
+            if self.config.shared_prefix and not self.ref_shares_vision:
+                prompts = with_image_features(self.family, model, batch.prompts)
+            return self._logprobs_all(model, batch, prompts)
 
     def _micro_batches(self, batch: Rollout, prompts: PromptBatch):
         """(completion indices, their distinct prompts, each completion's prompt among those) per micro-batch."""
@@ -390,7 +414,7 @@ class Trainer:
         averaged = ("kl", "clip_ratio", "dual_clip_ratio")  # grpo_loss's stats, averaged over the step's completions
         totals = {"loss": 0.0, "grad_norm": 0.0, **dict.fromkeys(averaged, 0.0)}
         # Cached image features carry no gradient: a trainable vision tower must see the pixels again.
-        prompts = batch.prompts if cfg.freeze_vision_tower else batch.prompts.without_features()
+        prompts = batch.prompts.without_features() if self.vision_trains else batch.prompts
         for _ in range(cfg.num_iterations):
             for index, micro_prompts, prompt_index in self._micro_batches(batch, prompts):
                 logprobs = self._logprobs(self.policy, batch, index, micro_prompts, prompt_index)  # [b, C]

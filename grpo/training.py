@@ -18,13 +18,17 @@ from .distributed import (
     all_gather_objects, barrier, default_device, init_distributed, is_main_process, launched_distributed,
     reference_deepspeed_config, shard, world, zero_stage,
 )
+from . import lora
 from .models import family_for
 
 
 def load_model(model, dtype: str = "auto"):
-    """A loaded model is returned as is; a name or a local directory goes through `from_pretrained`."""
+    """A loaded model is returned as is; a name or a local directory goes through `from_pretrained`.
+    A LoRA checkpoint (an adapter directory) loads as its base model with the adapter on it."""
     if not isinstance(model, (str, os.PathLike)):
         return model
+    if lora.is_adapter_checkpoint(model):
+        return lora.with_adapter(load_model(lora.base_model_of(model), dtype), model)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -104,7 +108,9 @@ def setup_processes(cfg) -> torch.device:
 
 def prepare_model(model, processor, cfg, device):
     """Load (if given a name or path), move to `device` unless DeepSpeed places it, freeze the vision
-    tower if asked, and enable gradient checkpointing if asked. Returns (model, processor, family)."""
+    tower if asked, enable gradient checkpointing if asked, and with `cfg.lora` wrap it in a PEFT
+    model whose adapter is what trains (a model that already carries an adapter continues it:
+    grpo/lora.py). Returns (model, processor, family)."""
     name = model if isinstance(model, (str, os.PathLike)) else None
     model = load_model(model, cfg.dtype)
     processor = load_processor(processor, name)
@@ -116,13 +122,29 @@ def prepare_model(model, processor, cfg, device):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the rollout passes use_cache=True explicitly
+    model = lora.prepare(model, family, cfg.lora)
     return model, processor, family
+
+
+def vision_trains(family, model) -> bool:
+    """Whether any weight that makes image features trains (then cached features, which carry no
+    gradient, cannot stand in for the pixels in a training forward)."""
+    return any(p.requires_grad for module in family.vision_modules(model) for p in module.parameters())
 
 
 def prepare_reference_model(ref_model, policy, cfg, device):
     """The frozen reference policy for the KL term: `ref_model` (name, path or model) or a copy of
     the policy. Under ZeRO-3 it is sharded like the policy (an inference-only engine); otherwise
-    every process holds a full copy."""
+    every process holds a full copy.
+
+    Under LoRA without a `ref_model` there is no second model: None is returned and the reference is
+    the policy itself in `lora.reference_mode` (adapters off; a continued adapter keeps a frozen copy
+    of itself as it started, added here).
+    """
+    if ref_model is None and lora.is_peft_model(policy):
+        if cfg.lora is None:  # continuing an adapter: the reference is that adapter as it starts
+            lora.add_reference_adapter(policy)
+        return None
     ref = load_model(ref_model, cfg.dtype) if ref_model is not None else copy.deepcopy(policy)
     ref.eval().requires_grad_(False)
     if cfg.deepspeed:
@@ -245,8 +267,8 @@ def save_checkpoint(output_dir: str, step: int, opt, processor, extra: dict, tot
     """Write `checkpoint-<step>/` atomically: into a temporary directory, then renamed.
 
     Holds the model and processor (`save_pretrained`, safetensors, loadable by plain transformers;
-    under ZeRO-3 the shards are gathered first), `trainer_state.pt` (step, `extra`, and for a plain
-    run the optimizer and scheduler), one `rng_state_<rank>.pt` per process, and under DeepSpeed
+    under ZeRO-3 the shards are gathered first; under LoRA the adapter alone, in PEFT's layout),
+    `trainer_state.pt` (step, `extra`, and for a plain run the optimizer and scheduler), one `rng_state_<rank>.pt` per process, and under DeepSpeed
     the engine's own state in `deepspeed/`. A crash mid-save leaves only a `.tmp` directory that
     resume ignores. Every process must call this (the gathers are collective).
 
@@ -266,16 +288,21 @@ def save_checkpoint(output_dir: str, step: int, opt, processor, extra: dict, tot
         failure.attempt(_fresh_directory, output_dir, tmp)
     barrier()
     # The collective parts first, on every process, so that none is left waiting on one that failed.
+    adapter_only = lora.is_peft_model(opt.model)
+    if adapter_only:  # the adapter alone, in PEFT's layout (its shards gathered under ZeRO-3: collective)
+        lora.save_adapter(opt.model, tmp, gather_zero3=opt.zero_stage == 3, write=main, attempt=failure.attempt)
     state_dict = None
-    if opt.engine is not None and opt.zero_stage == 3:
+    if opt.engine is not None and opt.zero_stage == 3 and not adapter_only:
         state_dict = opt.engine._zero3_consolidated_16bit_state_dict()  # collective; the full weights on rank 0
     if opt.engine is not None:
         try:
-            opt.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False)
+            # Under LoRA without the frozen base: that is the model the run was started from.
+            opt.engine.save_checkpoint(tmp, tag="deepspeed", save_latest=False, exclude_frozen_parameters=adapter_only)
         except OSError as error:  # amid DeepSpeed's own collectives: this process stops here, the launcher stops the rest
             raise _checkpoint_error(final, [_describe(error, rank)]) from error
     if main:
-        failure.attempt(opt.model.save_pretrained, tmp, state_dict=state_dict, safe_serialization=True)
+        if not adapter_only:
+            failure.attempt(opt.model.save_pretrained, tmp, state_dict=state_dict, safe_serialization=True)
         if processor is not None:
             failure.attempt(processor.save_pretrained, tmp)
         state = {"step": step, **extra}
@@ -381,8 +408,8 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 
 def resolve_model(path: str) -> str:
-    """A hub name or a model directory as is; a training run's output_dir -> its latest checkpoint."""
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+    """A hub name, a model or LoRA-adapter directory as is; a training run's output_dir -> its latest checkpoint."""
+    if not os.path.isdir(path) or lora.is_adapter_checkpoint(path) or os.path.isfile(os.path.join(path, "config.json")):
         return path
     found = list_checkpoints(path)
     if not found:
@@ -411,16 +438,21 @@ def load_checkpoint(path: str, opt) -> dict:
     rng_path = os.path.join(path, f"rng_state_{rank}.pt")
     if not os.path.isfile(rng_path):
         raise ValueError(f"checkpoint {path} has no {os.path.basename(rng_path)}: it was written by fewer than {size} processes")
+    adapter_only = lora.is_peft_model(opt.model)
     if opt.engine is not None:
-        loaded, _ = opt.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True)
+        loaded, _ = opt.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
+                                               load_lr_scheduler_states=True, load_module_strict=not adapter_only)
         if loaded is None:
             raise ValueError(f"checkpoint {path} has no DeepSpeed state (deepspeed/); it was written without DeepSpeed")
     else:
-        # from_pretrained maps the checkpoint's saved key names back onto the module names.
         model = opt.model
-        saved = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
-        model.load_state_dict(saved.state_dict())
-        del saved
+        if adapter_only:
+            lora.load_adapter_weights(model, path)
+        else:
+            # from_pretrained maps the checkpoint's saved key names back onto the module names.
+            saved = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
+            model.load_state_dict(saved.state_dict())
+            del saved
         if "optimizer" not in state:
             raise ValueError(f"checkpoint {path} was written by DeepSpeed; resume it with the same deepspeed setting")
         opt.optimizer.load_state_dict(state["optimizer"])

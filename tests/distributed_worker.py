@@ -14,6 +14,9 @@ Scenarios:
            loss, grad_norm, token count, every parameter's gradient and the updated weights.
   stats    reward-side statistics (a judge's counters) merged over processes: counts summed,
            other numbers averaged over the processes that report them.
+  lora     `update` (grpo loss) with a LoRA adapter (dropout off): the adapter's gradients and updated
+           weights, the reference log-probs (adapters off); then a checkpoint, whose adapter rank 0
+           reads back into lora_checkpoint.pt.
   resume   a 3-step GRPO run saving every step, then a run resumed from checkpoint-1; rank 0 writes
            both runs' metrics. Also SFT: 2 steps, checkpoint, resume.
   preempt  a 4-step GRPO run (full/), then the same run (stopped/) whose LAST process alone sends
@@ -138,23 +141,23 @@ def record_gradients_before_step(opt) -> dict:
     return gradients
 
 
-def run_update(zero, out_dir, loss_type, scale_rewards):
-    """One update from the fixed rollout; returns (stats, metrics, gradients, weights)."""
+def run_update(zero, out_dir, loss_type, scale_rewards, **overrides):
+    """One update from the fixed rollout; returns (stats, metrics, gradients, weights, trainer, reference log-probs)."""
     model, processor, rows = tiny()
     trainer = Trainer(model, processor, [lambda prompts, completions, **c: [0.0] * len(completions)], rows,
                       config(out_dir, zero, loss_type=loss_type, scale_rewards=scale_rewards,
-                             deepspeed=deepspeed_setting(zero, explicit_batch=True)))
+                             deepspeed=deepspeed_setting(zero, explicit_batch=True), **overrides))
     gradients = record_gradients_before_step(trainer.opt)
     rank, size = world()  # the trainer joined the process group
     per_rank = PROMPTS // size
     batch, rewards = fixed_rollout(trainer.family, rows, len(processor.tokenizer), rank * per_rank, per_rank)
     batch.prompts = batch.prompts.to(trainer.device)
-    batch.ref_logprobs = trainer._logprobs_all(trainer.ref_model, batch)
+    batch.ref_logprobs = trainer.reference_logprobs(batch)
     advantages = trainer.advantages(rewards)
     stats = trainer.update(batch, advantages)
     trainer.step = 1
     metrics = trainer._metrics(batch, rewards, rewards[None], stats, step_time=1.0)
-    return stats, metrics, gradients, full_state(trainer)
+    return stats, metrics, gradients, full_state(trainer), trainer, batch.ref_logprobs
 
 
 def length_reward(prompts, completions, **columns):
@@ -240,11 +243,25 @@ def run_scenario(scenario, zero, out_dir):
     results = {}
     if scenario == "update":
         for loss_type, scale in (("grpo", "group"), ("dapo", "batch")):
-            stats, metrics, gradients, weights = run_update(zero, out_dir, loss_type, scale)
+            stats, metrics, gradients, weights, *_ = run_update(zero, out_dir, loss_type, scale)
             if is_main_process():
                 torch.save(gradients, os.path.join(out_dir, f"gradients_{loss_type}.pt"))
                 torch.save(weights, os.path.join(out_dir, f"weights_{loss_type}.pt"))
             results[loss_type] = {"stats": stats, "metrics": metrics}
+    elif scenario == "lora":
+        stats, metrics, gradients, weights, trainer, ref_logprobs = run_update(zero, out_dir, "grpo", "group",
+                                                                              lora={"dropout": 0.0})
+        weights = {name: value for name, value in (weights or {}).items() if "lora_" in name}  # rank 0 has them
+        checkpoint = trainer.save(1)
+        ref_logprobs = all_gather_objects(ref_logprobs.tolist())
+        if is_main_process():
+            from safetensors.torch import load_file
+
+            torch.save(gradients, os.path.join(out_dir, "gradients_lora.pt"))
+            torch.save(weights, os.path.join(out_dir, "weights_lora.pt"))
+            torch.save(load_file(os.path.join(checkpoint, "adapter_model.safetensors")),
+                       os.path.join(out_dir, "lora_checkpoint.pt"))
+        results = {"stats": stats, "metrics": metrics, "ref_logprobs": sum(ref_logprobs, [])}
     elif scenario == "uneven":
         model, processor, rows = tiny()
         trainer = Trainer(model, processor, [lambda prompts, completions, **c: [0.0] * len(completions)], rows,

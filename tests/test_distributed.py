@@ -116,6 +116,29 @@ def test_dynamic_sampling_and_the_entropy_threshold_decide_on_two_processes_as_o
         assert two["entropy"]["stats"][key] == pytest.approx(one["entropy"]["stats"][key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_lora_two_processes_update_the_adapter_like_one_process_with_the_whole_batch(zero, tmp_path):
+    """LoRA under DeepSpeed: the same loss, adapter gradients and updated adapter as one process with
+    the whole batch; the reference (adapters off) gives the same log-probs; the checkpoint's adapter
+    (gathered from the shards under ZeRO-3) is the updated adapter."""
+    pytest.importorskip("peft")
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    launch("lora", "none", tmp_path / "one", processes=1)
+    launch("lora", zero, tmp_path / "two")
+    one, two = (json.loads((tmp_path / d / "lora.json").read_text()) for d in ("one", "two"))
+    assert two["stats"]["loss"] == pytest.approx(one["stats"]["loss"], rel=1e-4, abs=1e-6)
+    assert two["stats"]["grad_norm"] == pytest.approx(one["stats"]["grad_norm"], rel=1e-4) and one["stats"]["grad_norm"] > 0.1
+    for a, b in zip(one["ref_logprobs"], two["ref_logprobs"]):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    assert_same_update(tmp_path / "one", tmp_path / "two", "lora")
+    weights = torch.load(tmp_path / "two" / "weights_lora.pt")
+    assert weights and all("lora_" in name for name in weights)
+    saved = torch.load(tmp_path / "two" / "lora_checkpoint.pt")  # PEFT drops the adapter name from the keys
+    assert len(saved) == len(weights)
+    for name, value in weights.items():
+        torch.testing.assert_close(saved[name.replace(".default", "")], value)
+
+
 def test_zero3_on_qwen3_vl_updates_like_one_process_and_decodes_unevenly(tmp_path):
     """Another family under ZeRO-3: Qwen3-VL's cached image features carry its DeepStack features
     through the sharded model; 2 processes x 2 prompts make the 1 x 4 update."""

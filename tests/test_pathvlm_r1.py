@@ -283,3 +283,40 @@ def test_the_qwen3_vl_and_medgemma_lineages_run_alpha_beta_r1(workdir, monkeypat
         if previous:  # each stage starts from the one before it
             assert same_weights(checkpoint_weights(os.path.join(previous, "checkpoint-2")), weights(trainer.ref_model))
         previous = output_dir
+
+
+def test_the_lora_lineage_chains_adapters_with_the_previous_stage_as_reference(workdir, monkeypatch, judge_url):
+    """alpha/beta/r1 *_7b_lora.yaml: SFT trains an adapter, each GRPO stage continues the previous
+    stage's adapter with that stage (base + its adapter as saved) as the KL reference; every
+    checkpoint is the adapter alone, in PEFT's layout."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from grpo.lora import REFERENCE
+
+    monkeypatch.chdir(workdir)
+    if not (workdir / "splits" / "pathmmu_paper_seed0.json").exists():
+        script("split").main(["--sizes", "12", "6", "6", "--on-bad-item", "skip"])
+    previous = None
+    for stage, kind in STAGES[:3]:
+        config_path = os.path.join(CONFIGS, f"{stage}_7b_lora.yaml")
+        config = load_yaml(config_path)
+        assert config[kind]["deepspeed"] is None and config[kind]["dtype"] == "bfloat16"  # one GPU
+        overrides = SMALL[kind] + DATA + ([f"model={workdir / 'tiny'}"] if stage == "alpha" else [])
+        if stage == "r1":
+            overrides += [f"judge.base_url={judge_url}", "judge.api_key=not-a-secret"]
+        trainer = (script("sft") if kind == "sft" else script("grpo")).main(
+            ["--config", config_path, *[f"--set={o}" for o in overrides]])
+        output_dir = f"runs/pathvlm_r1/7b/{stage}_lora"
+        checkpoint = os.path.join(output_dir, "checkpoint-2")
+        assert os.path.isfile(os.path.join(checkpoint, "adapter_model.safetensors"))
+        assert not os.path.exists(os.path.join(checkpoint, "model.safetensors"))
+        saved = load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+        trained = {k.replace(".default", ""): v for k, v in trainer.model.named_parameters() if ".default." in k}
+        assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k].float()) for k in saved)
+        if previous:  # the reference adapter is the previous stage's, as its checkpoint holds it
+            started = load_file(os.path.join(previous, "adapter_model.safetensors"))
+            reference = {k.replace(f".{REFERENCE}", ""): v for k, v in trainer.model.named_parameters() if f".{REFERENCE}." in k}
+            assert reference.keys() == started.keys() and all(torch.equal(reference[k].float(), started[k]) for k in started)
+            assert trainer.ref_model is None
+        previous = checkpoint

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 import torch
 
@@ -44,8 +45,12 @@ _MARKER = "zqxjv"  # a word no template adds: the text after it in a rendered tu
 
 
 def unwrap(model):
-    """The model a DeepSpeed engine (or any wrapper with `.module`) holds."""
-    return getattr(model, "module", model)
+    """The Hugging Face model inside a DeepSpeed engine (or any wrapper with `.module`) and inside a
+    PEFT `PeftModel` (LoRA): what its config, classes and submodules are read from. Forwards still go
+    through the wrappers, so LoRA adapters stay active."""
+    model = getattr(model, "module", model)
+    peft = sys.modules.get("peft")  # a model can only be a PeftModel once peft is imported
+    return model.get_base_model() if peft is not None and isinstance(model, peft.PeftModel) else model
 
 
 def inner_model(model):
