@@ -31,7 +31,7 @@ from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, evaluate  # noqa: E
 from grpo.distributed import is_main_process, launched_distributed  # noqa: E402
 from grpo.lora import is_adapter_checkpoint  # noqa: E402
 from grpo.plot import plot_runs  # noqa: E402
-from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
+from grpo.tiny import FAMILIES, build_tiny_model_and_processor  # noqa: E402
 from rewards import accuracy_reward, format_reward  # noqa: E402
 from toy_judge_stage import print_counters, start_toy_judge, train_r1  # noqa: E402
 
@@ -47,6 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--deepspeed", default=None, help="zero2 | zero3 | a DeepSpeed JSON (single stages, under torchrun)")
     parser.add_argument("--max-steps", type=int, default=None, help="override the stage's step count")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl",
+                        help="the tiny model's architecture (README: Model families)")
     parser.add_argument("--families", default="stain",
                         help=f"comma-separated question families among {', '.join(TOY_FAMILIES)}")
     parser.add_argument("--image-size", type=int, default=56)
@@ -94,7 +96,8 @@ def build_model(args, sft_rows):
     corpus = [SYSTEM_PROMPT, INSTRUCTION] * 20
     corpus += [row["question"] + "\n" + "\n".join(row["options"]) + "\n" + row["completion"] for row in sft_rows[:300]]
     side = args.image_size * args.image_size
-    return build_tiny_model_and_processor(corpus=corpus, seed=args.seed, vocab_size=1024, min_pixels=side, max_pixels=side)
+    return build_tiny_model_and_processor(corpus=corpus, seed=args.seed, vocab_size=1024, min_pixels=side, max_pixels=side,
+                                          family=args.family)
 
 
 def lora_settings(args) -> dict | None:
@@ -162,7 +165,8 @@ def main(argv=None):
     model, processor = build_model(args, sft_rows)
     if isinstance(model, str):
         raise SystemExit("--init applies to single stages (--stage sft|grpo)")
-    print(f"tiny Qwen2.5-VL: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(processor.tokenizer)}")
+    print(f"tiny {type(model).__name__} ({args.family}): {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"vocab {len(processor.tokenizer)}")
     judge_server, judge = start_toy_judge()
     try:
         run_stages(args, model, processor, sft_rows, rl_rows, test_rows, judge, t_start)
