@@ -85,6 +85,7 @@ def test_reference_is_the_frozen_base_before_and_after_training_and_only_the_ada
     def check_reference(step):
         rows, indices = trainer._rows_for_step(step)
         batch = trainer.rollout(rows, indices, torch.Generator().manual_seed(step))
+        trainer.logprob_passes(batch)
         expected = completion_logprobs(frozen, processor, rows, completions_of(batch, 2), shared_prefix=False)
         for k, logprobs in enumerate(l for group in expected for l in group):
             n = len(logprobs)
@@ -256,6 +257,7 @@ def test_staged_pipeline_continued_adapter_has_alpha_as_reference_and_fresh_adap
     def check_reference(trainer, expected_model, step):
         rows_, indices = trainer._rows_for_step(step)
         batch = trainer.rollout(rows_, indices, torch.Generator().manual_seed(step))
+        trainer.logprob_passes(batch)
         expected = completion_logprobs(expected_model, processor, rows_, completions_of(batch, 2), shared_prefix=False)
         for k, logprobs in enumerate(l for group in expected for l in group):
             torch.testing.assert_close(batch.ref_logprobs[k, : len(logprobs)], logprobs, atol=1e-5, rtol=1e-5)
