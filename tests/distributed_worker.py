@@ -18,7 +18,8 @@ Scenarios:
            weights, the reference log-probs (adapters off); then a checkpoint, whose adapter rank 0
            reads back into lora_checkpoint.pt.
   resume   a 3-step GRPO run saving every step, then a run resumed from checkpoint-1; rank 0 writes
-           both runs' metrics. Also SFT: 2 steps, checkpoint, resume.
+           both runs' metrics. Also SFT: 3 steps, checkpoint, resume.
+  lora_resume  `resume` with a LoRA adapter, into lora_full/, lora_resumed/, lora_sft_full/, lora_sft_resumed/.
   preempt  a 4-step GRPO run (full/), then the same run (stopped/) whose LAST process alone sends
            itself SIGTERM while scoring step 2: every process writes preempted_<rank>.json (exit
            code, step, checkpoint) and exits with Preempted's status.
@@ -315,14 +316,17 @@ def run_scenario(scenario, zero, out_dir):
                 return {"requests": rank + 1, "latency_p50": 0.1 * (rank + 1), "integrity_mean": None if rank else 0.5}
 
         results = reward_stats([Counter()])
-    elif scenario == "resume":
+    elif scenario in ("resume", "lora_resume"):
+        # lora_resume: the same with a LoRA adapter (dropout off), whose checkpoints hold the adapter only.
+        lora = {"dropout": 0.0} if scenario == "lora_resume" else None
+        prefix = "lora_" if lora else ""
         model, processor, rows = tiny()
 
         def reward(prompts, completions, **columns):
             return [float(len(c)) for c in completions]
 
-        full_dir, resumed_dir = os.path.join(out_dir, "full"), os.path.join(out_dir, "resumed")
-        Trainer(model, processor, [reward], rows, config(full_dir, zero, max_steps=3, save_steps=1)).train()
+        full_dir, resumed_dir = os.path.join(out_dir, prefix + "full"), os.path.join(out_dir, prefix + "resumed")
+        Trainer(model, processor, [reward], rows, config(full_dir, zero, max_steps=3, save_steps=1, lora=lora)).train()
         model, processor, rows = tiny()
         # The resumed run starts from the full run's checkpoint-1, as after a crash during step 2.
         if is_main_process():
@@ -331,12 +335,12 @@ def run_scenario(scenario, zero, out_dir):
             shutil.copytree(os.path.join(full_dir, "checkpoint-1"), os.path.join(resumed_dir, "checkpoint-1"))
         torch.distributed.barrier()
         Trainer(model, processor, [reward], rows,
-                config(resumed_dir, zero, max_steps=3, save_steps=1, resume_from_checkpoint="latest")).train()
+                config(resumed_dir, zero, max_steps=3, save_steps=1, resume_from_checkpoint="latest", lora=lora)).train()
         for row in rows:
             row["completion"] = sft_target(row)
-        sft_dirs = [os.path.join(out_dir, "sft_full"), os.path.join(out_dir, "sft_resumed")]
+        sft_dirs = [os.path.join(out_dir, prefix + "sft_full"), os.path.join(out_dir, prefix + "sft_resumed")]
         sft_settings = dict(batch_size=4, micro_batch_size=1, learning_rate=1e-2, max_steps=3, save_steps=1,
-                            deepspeed=deepspeed_setting(zero), max_completion_length=16)
+                            deepspeed=deepspeed_setting(zero), max_completion_length=16, lora=lora)
         model, processor, rows_ = tiny()
         SFTTrainer(model, processor, rows, SFTConfig(output_dir=sft_dirs[0], **sft_settings)).train()
         if is_main_process():

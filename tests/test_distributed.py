@@ -177,6 +177,32 @@ def test_zero3_run_resumes_exactly_and_saves_plain_transformers_checkpoints(tmp_
         assert torch.equal(final[name], resumed[name]), name
 
 
+def test_zero3_lora_run_resumes_exactly_from_an_adapter_checkpoint(tmp_path):
+    """GRPO and SFT with LoRA under ZeRO-3: the checkpoints hold the adapter (gathered from the shards)
+    and the optimizer/RNG state; the run resumed from checkpoint-1 logs what the uninterrupted run
+    logged and ends with the same adapter."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    launch("lora_resume", "zero3", tmp_path, timeout=400)
+
+    def metrics(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
+
+    for full, resumed in (("lora_full", "lora_resumed"), ("lora_sft_full", "lora_sft_resumed")):
+        expected, got = metrics(full), metrics(resumed)
+        assert [m["step"] for m in expected] == [1, 2, 3] and [m["step"] for m in got] == [2, 3]
+        assert got == expected[1:], full
+        assert not (tmp_path / full / "checkpoint-3" / "model.safetensors").exists()  # the adapter only
+        final, resumed_final, first = (load_file(tmp_path / d / f"checkpoint-{k}" / "adapter_model.safetensors")
+                                       for d, k in ((full, 3), (resumed, 3), (full, 1)))
+        assert final.keys() == resumed_final.keys() and final and all("lora_" in name for name in final)
+        assert any(not torch.equal(final[k], first[k]) for k in final), full  # the adapter did train
+        for name in final:
+            assert torch.equal(final[name], resumed_final[name]), (full, name)
+
+
 def assert_stopped_run_resumed_like_the_full_run(out_dir, processes: int) -> None:
     """preempted_<rank>.json, then stopped/ (stopped after step 2, resumed to 4) against full/."""
     from safetensors.torch import load_file
