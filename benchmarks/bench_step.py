@@ -10,8 +10,18 @@ per step over all completions, and EOS (and the vision tokens) suppressed in sam
 completion runs to max_completion_length on both sides. Each side runs in its own subprocess (so
 peak RSS is its own); the subprocesses alternate, `--rounds` times, and each times `--steps` steps
 after `--warmup` untimed ones. A step is rollout + rewards + backward + optimizer step.
+
 `--family` picks the model family (common.FAMILY_SHAPES; Qwen2.5-VL by default). Where TRL fails on a
 family, the report keeps our sides and records TRL's error instead of its time.
+
+Memory, per side, up to the end of the last step (our run's final checkpoint is left out): the peak
+RSS (VmHWM, interpreter and libraries included); the peak above the baseline, the RSS read right
+before the model is loaded (every import done); and, from one more untimed run per side in which
+glibc returns freed memory to the system (common.RETURN_FREED_MEMORY), that run's peak above its
+baseline ("live": weights, reference, optimizer state and the step's live tensors, the CPU analogue
+of torch.cuda.max_memory_allocated) and its RSS above the baseline after the last step ("state":
+what stays between steps). Under glibc's default the peak also counts freed memory the allocator
+keeps (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -39,7 +49,15 @@ def length_reward(prompts, completions, **columns):
     return [float(len(c if isinstance(c, str) else c[-1]["content"])) for c in completions]
 
 
-def run_ours(args, shape, rows, shared_prefix: bool, lora=None) -> list[float]:
+def memory(baseline: float) -> dict:
+    """The process's memory so far (MiB): its peak RSS, and its peak and present RSS above `baseline`."""
+    peak, now = common.peak_rss_mib(), common.rss_mib()
+    return {"peak_rss_mib": peak, "baseline_rss_mib": baseline, "peak_above_baseline_mib": peak - baseline,
+            "end_above_baseline_mib": now - baseline}
+
+
+def run_ours(args, shape, rows, shared_prefix: bool, lora=None) -> tuple[list[float], dict]:
+    """Step times after the warmup, and `memory` after the last step, before the run's final checkpoint."""
     from grpo import GRPOConfig, Trainer
 
     with tempfile.TemporaryDirectory() as out:
@@ -50,15 +68,25 @@ def run_ours(args, shape, rows, shared_prefix: bool, lora=None) -> list[float]:
             temperature=1.0, learning_rate=1e-6, max_steps=args.warmup + args.steps, save_steps=0, log_completions=0,
             freeze_vision_tower=True, dtype="float32", shared_prefix=shared_prefix, seed=0, lora=lora,
         )
+        baseline = common.rss_mib()
         trainer = Trainer(args.model_dir, args.model_dir, [length_reward], rows, cfg)
         family = trainer.family
         family.forbidden_ids = sorted(set(family.forbidden_ids) | set(family.eos_ids))  # completions run to the limit
+        measured = {}
+
+        def save(step, checkpoint=trainer.save):
+            # The final checkpoint is no step (TRL's side saves none); transformers' first save_pretrained
+            # also imports ~130 MiB of modules here (mlflow, deepspeed, pandas), which PEFT's adapter save does not.
+            measured.update(memory(baseline))
+            return checkpoint(step)
+
+        trainer.save = save
         history = trainer.train()
     assert all(h["completion_length/min"] == shape["max_completion_length"] for h in history)
-    return [h["step_time"] for h in history[args.warmup:]]
+    return [h["step_time"] for h in history[args.warmup:]], measured
 
 
-def run_trl(args, shape, rows) -> list[float]:
+def run_trl(args, shape, rows) -> tuple[list[float], dict]:
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -66,6 +94,7 @@ def run_trl(args, shape, rows) -> list[float]:
     from grpo.models import family_for
 
     processor = AutoProcessor.from_pretrained(args.model_dir)
+    baseline = common.rss_mib()  # the model classes are imported already (grpo.models)
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32)
     family = family_for(model, processor)
     for module in family.vision_modules(model):  # frozen like ours (the paper trains the language model only)
@@ -96,7 +125,7 @@ def run_trl(args, shape, rows) -> list[float]:
         trainer.train()
     lengths = [log["completions/min_length"] for log in trainer.state.log_history if "completions/min_length" in log]
     assert lengths and all(n == shape["max_completion_length"] for n in lengths), lengths
-    return times[args.warmup:]
+    return times[args.warmup:], memory(baseline)
 
 
 def worker(args) -> None:
@@ -104,23 +133,27 @@ def worker(args) -> None:
     shape = common.CONFIGS[args.config]
     rows = common.rows_for(args.config, shape["prompts_per_step"], args.family)  # every step: these prompts
     if args.worker == "trl":
-        times = run_trl(args, shape, rows)
+        times, measured = run_trl(args, shape, rows)
     else:
-        times = run_ours(args, shape, rows, shared_prefix=args.worker != "ours-plain",
-                         lora=LORA if args.worker == "ours-lora" else None)
-    print("RESULT " + json.dumps({"side": args.worker, "step_s": times, "peak_rss_mib": common.peak_rss_mib()}))
+        times, measured = run_ours(args, shape, rows, shared_prefix=args.worker != "ours-plain",
+                                   lora=LORA if args.worker == "ours-lora" else None)
+    print("RESULT " + json.dumps({"side": args.worker, "step_s": times, **measured}))
 
 
-def spawn(args, side: str, model_dir: str) -> dict:
+def spawn(args, side: str, model_dir: str, return_freed: bool = False) -> dict:
+    """One worker subprocess of `side`; `return_freed`: glibc returning freed memory (the live-memory run)."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--config", args.config, "--family", args.family,
                "--model-dir", model_dir, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(common.RETURN_FREED_MEMORY if return_freed else {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"{side} worker failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    print(f"  {side:10s} steps {[round(t, 3) for t in result['step_s']]}  peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+    label = f"{side} (live)" if return_freed else side
+    print(f"  {label:17s} steps {[round(t, 3) for t in result['step_s']]}  peak RSS {result['peak_rss_mib']:.0f} MiB, "
+          f"{result['peak_above_baseline_mib']:.0f} above the baseline {result['baseline_rss_mib']:.0f}", flush=True)
     return result
 
 
@@ -137,6 +170,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every side")
     parser.add_argument("--with-plain", action="store_true", help="also time our plain path (shared_prefix=False)")
     parser.add_argument("--lora", action="store_true", help="ours with a rank-16 LoRA adapter against ours fully fine-tuned, instead of TRL")
+    parser.add_argument("--live-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="one more untimed run per side with glibc returning freed memory: the live peak")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,6 +182,7 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     machine = common.machine()  # before the runs: its load average is the one the runs started under
     results = {side: [] for side in sides}
+    live = {}  # side -> its live-memory run
     errors = {}  # side -> the end of its worker's error; it is not run again
     with tempfile.TemporaryDirectory() as model_dir:
         model_info = common.save(args.config, model_dir, args.family)
@@ -164,11 +200,26 @@ def main() -> None:
                         raise
                     errors[side] = str(error)[-2000:]
                     print(f"  {side} failed: {str(error)[-600:]}", flush=True)
+        if args.live_memory:
+            print("live memory (glibc returning freed memory; untimed)", flush=True)
+            for side in sides:
+                if side not in errors:
+                    live[side] = spawn(args, side, model_dir, return_freed=True)
 
     def summary(side):
-        steps = [t for run in results[side] for t in run["step_s"]]
-        return {"step_s": steps, "step_s_median": statistics.median(steps),
-                "peak_rss_mib": max(run["peak_rss_mib"] for run in results[side])}
+        runs = results[side]
+        steps = [t for run in runs for t in run["step_s"]]
+        found = {"step_s": steps, "step_s_median": statistics.median(steps),
+                 "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
+                 "baseline_rss_mib": statistics.median(run["baseline_rss_mib"] for run in runs),
+                 "peak_above_baseline_mib": max(run["peak_above_baseline_mib"] for run in runs)}
+        if side in live:
+            found.update({"live_peak_mib": live[side]["peak_above_baseline_mib"],
+                          "live_state_mib": live[side]["end_above_baseline_mib"], "live_run_step_s": live[side]["step_s"]})
+        return found
+
+    def flat(prefix, found):  # the summary's memory entries under the side's prefix (step times are named per mode)
+        return {f"{prefix}_{key}": value for key, value in found.items() if not key.startswith("step_s")}
 
     report = {
         "benchmark": "grpo_step", "config": args.config, "family": args.family, "shape": common.CONFIGS[args.config],
@@ -179,30 +230,37 @@ def main() -> None:
                      "freeze_vision_tower": True, "gradient_checkpointing": False, "eos_suppressed": True,
                      "rounds": args.rounds, "timed_steps_per_round": args.steps, "warmup_steps_per_round": args.warmup,
                      "threads": args.threads},
-        "started": started, "machine": machine,
+        "started": started, "machine": {**machine, "load_average_at_end": os.getloadavg()},
+        "memory_keys": {
+            "peak_rss_mib": "VmHWM of the side's process, interpreter and libraries included (max over rounds)",
+            "baseline_rss_mib": "RSS right before the model is loaded, every import done (median over rounds)",
+            "peak_above_baseline_mib": "peak RSS - baseline, glibc's default allocator (max over rounds)",
+            "live_peak_mib": "peak RSS - baseline in one more run with glibc returning freed memory: the live peak",
+            "live_state_mib": "RSS - baseline after the last step in that run: what stays between steps",
+        },
     }
     if args.lora:
         full, lora = summary("ours"), summary("ours-lora")
         report.update({"lora": LORA, "full_step_s_median": full["step_s_median"], "lora_step_s_median": lora["step_s_median"],
-                       "full_peak_rss_mib": full["peak_rss_mib"], "lora_peak_rss_mib": lora["peak_rss_mib"],
-                       "lora_memory_fraction": lora["peak_rss_mib"] / full["peak_rss_mib"],
+                       **flat("full", full), **flat("lora", lora),
+                       "lora_memory_fraction": {key: lora[key] / full[key] for key in
+                                                ("peak_rss_mib", "peak_above_baseline_mib", "live_peak_mib") if key in full},
                        "lora_speedup": full["step_s_median"] / lora["step_s_median"],
                        "full_step_s": full["step_s"], "lora_step_s": lora["step_s"]})
         return common.write_report(report, args.json, hide_suffix="_step_s")
     ours = summary("ours")
-    report.update({"ours_step_s_median": ours["step_s_median"], "ours_peak_rss_mib": ours["peak_rss_mib"],
-                   "ours_step_s": ours["step_s"]})
+    report.update({"ours_step_s_median": ours["step_s_median"], **flat("ours", ours), "ours_step_s": ours["step_s"]})
     if args.against in errors:
         report[f"{args.against}_error"] = errors[args.against]
     else:
         theirs = summary(args.against)
         report.update({
             f"{args.against}_step_s_median": theirs["step_s_median"], "speedup": theirs["step_s_median"] / ours["step_s_median"],
-            f"{args.against}_peak_rss_mib": theirs["peak_rss_mib"], f"{args.against}_step_s": theirs["step_s"],
+            **flat(args.against, theirs), f"{args.against}_step_s": theirs["step_s"],
         })
     if args.with_plain:
         plain = summary("ours-plain")
-        report.update({"ours_plain_step_s_median": plain["step_s_median"], "ours_plain_peak_rss_mib": plain["peak_rss_mib"],
+        report.update({"ours_plain_step_s_median": plain["step_s_median"], **flat("ours_plain", plain),
                        "ours_plain_step_s": plain["step_s"], "shared_prefix_speedup": plain["step_s_median"] / ours["step_s_median"]})
     common.write_report(report, args.json, hide_suffix="_step_s")
 

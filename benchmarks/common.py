@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import sys
 
 import torch
@@ -162,7 +161,28 @@ def save(name: str, directory: str, family: str = DEFAULT_FAMILY) -> dict:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """The most resident memory this process has held (VmHWM, Linux), MiB. Not ru_maxrss: a child
+    started by fork or vfork + exec inherits its parent's peak there (the benchmark parent, which
+    built the model, held ~870 MiB on the tiny config), so every side would report at least that."""
+    return _status("VmHWM")
+
+
+def rss_mib() -> float:
+    """The resident memory this process holds now (VmRSS), MiB."""
+    return _status("VmRSS")
+
+
+def _status(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024  # kB
+
+
+# A worker environment in which glibc's malloc gives freed memory back: every allocation of 128 KiB or
+# more (every tensor that counts) gets its own mmap, unmapped when freed, so resident memory follows
+# the live tensors. By default glibc raises that threshold to the size of each large block freed (up
+# to 32 MiB) and keeps freed blocks below it for reuse, so resident memory stays near its highest and
+# grows with fragmentation. Read once, when the process starts.
+RETURN_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def machine() -> dict:

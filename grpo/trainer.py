@@ -228,9 +228,10 @@ class Trainer:
                 raise ValueError(f"train_dataset row {index}: missing field 'prompt' (chat messages)")
         self.eval_dataset = eval_dataset
         self.eval_reward_funcs = eval_reward_funcs or self.reward_funcs
-        # The reference is copied before DeepSpeed partitions the policy. Under LoRA there is none to
-        # copy (ref_model stays None): the policy with its adapters switched off is the reference.
-        self.ref_model = prepare_reference_model(ref_model, self.model, cfg, self.device) if cfg.beta > 0 else None
+        # The reference is copied before DeepSpeed partitions the policy, sharing its frozen vision
+        # tower. Under LoRA there is none to copy (ref_model stays None): the policy with its adapters
+        # switched off is the reference.
+        self.ref_model = prepare_reference_model(ref_model, self.model, self.family, cfg, self.device) if cfg.beta > 0 else None
         self.vision_trains = vision_trains(self.family, self.model)
         # The reference may reuse the policy's image features only while both towers are the same and frozen.
         if self.ref_model is not None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from grpo.distributed import deepspeed_config, reference_deepspeed_config, zero_stage
+from grpo.models import family_for
 from grpo.training import prepare_reference_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,9 +100,9 @@ def test_the_reference_accepts_the_policys_explicit_batch_sizes(stage):
 def test_grpo_with_kl_accepts_a_correct_explicit_deepspeed_config_under_zero2(tiny_parts):
     # Regression: the reference's config was checked against a micro-batch of 1, so a correct
     # explicit train_micro_batch_size_per_gpu was reported as a conflict whenever beta > 0.
-    model, _ = tiny_parts
+    model, processor = tiny_parts
     cfg = SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}, **EXPLICIT}, dtype="auto", max_grad_norm=0.5)
-    ref = prepare_reference_model(None, model, cfg, torch.device("cpu"))
+    ref = prepare_reference_model(None, model, family_for(model, processor), cfg, torch.device("cpu"))
     assert ref is not model and not any(p.requires_grad for p in ref.parameters())
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
 

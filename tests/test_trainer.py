@@ -117,6 +117,25 @@ def test_grpo_run_trains_the_language_model_and_writes_metrics_samples_checkpoin
         assert torch.equal(loaded[name], value), name
 
 
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen-vision", "trained-vision"])
+def test_the_reference_is_the_starting_policy_sharing_only_a_frozen_vision_tower(tiny_parts, toy_rows, tmp_path, freeze):
+    # A frozen tower is the same module in the reference (no copy); a trained one is copied as it started.
+    model, processor = tiny_parts
+    model = copy.deepcopy(model)
+    before = state(model)
+    cfg = small_config(tmp_path, max_steps=2, beta=0.04, freeze_vision_tower=freeze)
+    trainer = Trainer(model, processor, [char_count], toy_rows[:8], cfg)
+    trainer.train()
+    policy, ref = trainer.model.model, trainer.ref_model.model
+    assert (ref.visual is policy.visual) == freeze and trainer.ref_shares_vision == freeze
+    assert ref.language_model is not policy.language_model
+    for name, value in trainer.ref_model.state_dict().items():
+        assert torch.equal(value, before[name]), f"reference weight {name} moved"
+    moved = [name for name, value in trainer.model.state_dict().items() if not torch.equal(value, before[name])]
+    assert any(".visual." in f".{name}" for name in moved) != freeze and any(".language_model." in name for name in moved)
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+
+
 # ---------------------------------------------------------------- resume
 
 
