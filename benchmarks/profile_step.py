@@ -87,6 +87,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "family": args.family, "shape": shape,
+                       # for a family other than Qwen2.5-VL, what differs from `shape` (as in bench_step.py)
+                       "family_shape": common.FAMILY_SHAPES.get(args.family) if args.config == "paper-shape-small" else None,
                        "model": common.describe(model, processor, args.config, args.family), "stage_s_median": medians,
                        "machine": common.machine(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}, f, indent=1)
