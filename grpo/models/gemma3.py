@@ -22,5 +22,6 @@ class Gemma3Family(PooledFeaturesFamily):
         # No token_type_ids, as Hugging Face `generate` does after the prefill. A continuation holds no
         # image token, so its row (zeros) unmasks nothing and the mask is the plain causal / sliding one
         # either way; but with the row, transformers (5.24) builds both masks through its vmap path on
-        # every forward: at paper-shape-small 13 of a 55 ms decoding step (benchmarks/README.md).
+        # every forward: at paper-shape-small 13 to 17 ms of a 55 to 60 ms decoding step
+        # (benchmarks/README.md, "Gemma 3 vs TRL").
         return {}
