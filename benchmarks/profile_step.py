@@ -1,11 +1,13 @@
 """Where one GRPO step's time goes, stage by stage, with and without the shared-prompt path.
 
     python benchmarks/profile_step.py --config paper-shape-small
+    python benchmarks/profile_step.py --config paper-shape-small --family gemma3
 
 Times each stage of our step on the benchmark model (one process, `--repeats` runs per stage, the
 median printed): the vision tower over the step's images, the rollout (prefill + decoding), the
 reference log-probs and the policy forward + backward, once through the shared path and once
-through the plain path (every completion forwards its own prompt and image).
+through the plain path (every completion forwards its own prompt and image). `--family` picks the
+model family as in bench_step.py (common.FAMILY_SHAPES; Qwen2.5-VL by default).
 """
 
 from __future__ import annotations
@@ -31,17 +33,20 @@ from grpo.sampling import SamplingParams, generate  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(common.CONFIGS), default="paper-shape-small")
+    parser.add_argument("--family", choices=common.FAMILIES, default=common.DEFAULT_FAMILY,
+                        help="model family (paper-shape-small: common.FAMILY_SHAPES)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the stage medians here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = common.CONFIGS[args.config]
-    model, processor = common.build(args.config)
-    model.model.visual.requires_grad_(False)
+    model, processor = common.build(args.config, args.family)
     family = family_for(model, processor)
+    for module in family.vision_modules(model):  # frozen, as in the benchmark
+        module.requires_grad_(False)
     G, C, B = shape["group_size"], shape["max_completion_length"], shape["prompts_per_step"]
-    prompts = encode_prompts(family, common.rows_for(args.config, B), list(range(B)), max_prompt_length=4096)
+    prompts = encode_prompts(family, common.rows_for(args.config, B, args.family), list(range(B)), max_prompt_length=4096)
     family.forbidden_ids = family.forbidden_ids + family.eos_ids  # every completion runs to the limit: same work
     prompt_index = [i // G for i in range(B * G)]
 
@@ -81,7 +86,10 @@ def main() -> None:
         print(f"{medians[name]:8.3f} s  {name}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": args.config, "shape": shape, "model": common.describe(model, processor), "stage_s_median": medians,
+            json.dump({"config": args.config, "family": args.family, "shape": shape,
+                       # for a family other than Qwen2.5-VL, what differs from `shape` (as in bench_step.py)
+                       "family_shape": common.FAMILY_SHAPES.get(args.family) if args.config == "paper-shape-small" else None,
+                       "model": common.describe(model, processor, args.config, args.family), "stage_s_median": medians,
                        "machine": common.machine(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}, f, indent=1)
 

@@ -129,7 +129,7 @@ def shared_prefix_logprobs(family: Family, model, prompts: PromptBatch, prompt_i
         input_ids=completion_ids[:, :-1],
         attention_mask=attention_mask,
         position_ids=family.continuation_positions(family.next_position(positions)[rep], length - 1),
-        **family.forward_kwargs(torch.zeros_like(completion_ids[:, :-1])),
+        **family.continuation_kwargs(completion_ids[:, :-1]),
         **family.cache_kwargs(model, cache),
     )
     rest = gather_logprobs(out.logits, completion_ids[:, 1:], temperature, with_entropy)  # [N, C - 1]

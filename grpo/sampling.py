@@ -94,7 +94,6 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
     n = logits.shape[0]
     eos = torch.tensor(family.eos_ids, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
-    no_types = torch.zeros(n, 1, dtype=torch.long, device=device)
     tokens = []
     for step in range(params.max_new_tokens):
         if family.forbidden_ids:
@@ -113,7 +112,7 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
             input_ids=token[:, None],
             attention_mask=attention_mask,
             position_ids=family.continuation_positions(next_position + step, 1),
-            **family.forward_kwargs(no_types),
+            **family.continuation_kwargs(token[:, None]),
             **family.cache_kwargs(model, cache),
         )
         cache = family.cache_of(out)

@@ -357,10 +357,12 @@ def _gemma3(tokenizer, hidden_size, num_layers, min_pixels, max_pixels):
     # Plain 1-D positions (no get_rope_index). Gemma3Processor renames its mm_token_type_ids to
     # token_type_ids (1 on the soft image tokens), which switch on bidirectional attention inside each
     # image; it returns input_ids, attention_mask, token_type_ids, pixel_values. In transformers 5.24 a
-    # forward without token_type_ids runs (train mode too) but gives other logits: pass them to every
-    # forward, the completion's included. The processor wants one list of images per prompt (a flat list
-    # is read as all images of one prompt) and expands each <start_of_image> to "\n\n<start_of_image>" +
-    # soft tokens + "<end_of_image>\n\n". The tokenizer must name boi_token / eoi_token / image_token.
+    # forward over an image without token_type_ids runs (train mode too) but gives other logits: pass
+    # them to every forward over a prompt, the completion's included (a forward continuing a cached
+    # prompt needs none: grpo/models/gemma3.py). The processor wants one list of images per prompt (a
+    # flat list is read as all images of one prompt) and expands each <start_of_image> to
+    # "\n\n<start_of_image>" + soft tokens + "<end_of_image>\n\n". The tokenizer must name boi_token /
+    # eoi_token / image_token.
     # Layers alternate sliding (window 8) and full attention, so the window masks prompts of ~40 tokens.
     from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor
 

@@ -124,6 +124,28 @@ def test_rollout_never_samples_vision_tokens_and_stops_at_the_familys_end_of_tur
     assert ended.any() and (~ended).any() and torch.equal(out.truncated, ~ended)
 
 
+def test_every_decoding_step_scores_the_next_token_as_the_models_own_forward(parts, rows):
+    """The rollout's logits (the prefill's, then one cached token at a time, with the family's
+    continuation kwargs) equal the model's own forward over the whole unpadded sequence."""
+    name, model, processor = parts
+    model = copy.deepcopy(model).double().eval()
+    family = family_for(model, processor, quiet=True)
+    chosen = varied_rows(rows)
+    steps = []  # the lm_head output of every forward: [B or N, 1, V]
+    model.lm_head.register_forward_hook(lambda module, inputs, output: steps.append(output[:, -1].clone()))
+    G = 2
+    out = generate(family, model, encode_prompts(family, chosen, [0, 1, 2], 4096), SamplingParams(max_new_tokens=6),
+                   group_size=G, generator=torch.Generator().manual_seed(0))
+    first = steps[0].repeat_interleave(G, 0) if steps[0].shape[0] < out.ids.shape[0] else steps[0]
+    logits = torch.stack([first, *steps[1:]], dim=1)  # [N, steps, V]
+    for i in range(out.ids.shape[0]):
+        n = int(out.mask[i].sum())
+        ids = out.ids[i, :n]
+        ours = logits[i, :n].log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+        expected = own_forward_logprobs(model, processor, chosen[i // G], ids.tolist())
+        torch.testing.assert_close(ours, expected, **CLOSE, msg=f"{name} completion {i}")
+
+
 def test_grpo_sft_and_evaluation_run_on_every_family(parts, rows, tmp_path):
     name, model, processor = parts
 

@@ -4,7 +4,8 @@
 and a model architecture:
 
   prompts     which processor output marks image tokens (`token_type_key`), passed back to every
-              forward, zeros over the completion;
+              forward, zeros over the completion (`continuation_kwargs` for forwards continuing a
+              cached prompt);
   positions   the position ids of a prompt (`positions`) and of the tokens that continue it
               (`continuation_positions`): 1-D, or 3-D mRoPE for the Qwen families;
   images      the image features computed once per step (`image_features`) and how a forward is
@@ -156,6 +157,11 @@ class Family:
     def forward_kwargs(self, token_types: torch.Tensor) -> dict:
         """The image-token row a forward needs (`token_type_key`), when the family has one."""
         return {self.token_type_key: token_types} if self.token_type_key else {}
+
+    def continuation_kwargs(self, input_ids: torch.Tensor) -> dict:
+        """`forward_kwargs` for tokens continuing a cached prompt (decoding steps, the shared path's
+        completion forward): completion tokens are never image tokens, so their row is all zeros."""
+        return self.forward_kwargs(torch.zeros_like(input_ids))
 
     # ------------------------------------------------------------------ positions
     def positions(self, model, input_ids, token_types, image_inputs: dict, attention_mask) -> torch.Tensor:
