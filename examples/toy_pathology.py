@@ -52,19 +52,20 @@ def parse_args(argv=None):
     parser.add_argument("--families", default="stain",
                         help=f"comma-separated question families among {', '.join(TOY_FAMILIES)}")
     parser.add_argument("--image-size", type=int, default=56)
-    parser.add_argument("--sft-items", type=int, default=500)
-    parser.add_argument("--rl-items", type=int, default=500)
+    parser.add_argument("--sft-items", type=int, default=40, help="SFT items (with explanations)")
+    parser.add_argument("--rl-items", type=int, default=500, help="GRPO items (answers only)")
     parser.add_argument("--test-items", type=int, default=200)
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument("--judge-steps", type=int, default=60)
-    parser.add_argument("--judge-lr", type=float, default=5e-4)
-    parser.add_argument("--grpo-steps", type=int, default=300)
+    parser.add_argument("--judge-lr", type=float, default=2e-4)
+    parser.add_argument("--grpo-steps", type=int, default=400)
     parser.add_argument("--prompts-per-step", type=int, default=16, help="GRPO prompts per step (x G=4 completions)")
-    parser.add_argument("--grpo-lr", type=float, default=5e-4)
+    parser.add_argument("--grpo-lr", type=float, default=5e-4, help="peak learning rate of GRPO (warmup, then cosine decay)")
+    parser.add_argument("--grpo-warmup", type=int, default=20, help="GRPO warmup steps")
     parser.add_argument("--temperature", type=float, default=1.0, help="GRPO sampling temperature")
-    parser.add_argument("--freeze-vision-tower", action="store_true",
-                        help="freeze the vision tower in GRPO as the paper does (its tower is pretrained; ours is not)")
+    parser.add_argument("--train-vision-tower", action="store_true",
+                        help="train the random vision tower too (default: frozen in every stage, as the paper freezes its pretrained one)")
     parser.add_argument("--max-completion-length", type=int, default=64)
     parser.add_argument("--lora", choices=["continue", "merge"], default=None,
                         help="LoRA (rank 16) instead of full fine-tuning: GRPO continues the SFT adapter (its reference "
@@ -81,6 +82,9 @@ def toy_rows(count: int, seed: int, args, source: str) -> list[dict]:
 
 
 def build_data(args):
+    # SFT sees few items (explanations are the costly labels), GRPO many (answers only): with 500 SFT
+    # items the purple class was learned late or never on some seeds, and GRPO cannot find a class its
+    # starting model never samples (README: The demo).
     sft_rows = toy_rows(args.sft_items, args.seed, args, "toy-sft")
     rl_rows = toy_rows(args.rl_items, args.seed + 1, args, "toy-rl")
     test_rows = toy_rows(args.test_items, args.seed + 2, args, "toy-test")
@@ -101,29 +105,32 @@ def build_model(args, sft_rows):
 
 
 def lora_settings(args) -> dict | None:
-    # The toy's tower and output head are random, not pretrained: the adapter covers the tower too
-    # (unless it is frozen) and the head trains whole (its random logits are too flat to be steered).
-    # Dropout 0.05 as in the README's table (its run).
-    return ({"r": 16, "alpha": 32, "dropout": 0.05, "lora_vision": not args.freeze_vision_tower,
+    # The toy's output head is random, not pretrained: it trains whole (its random logits are too flat
+    # for an adapter to steer). The adapter covers the vision tower only with --train-vision-tower.
+    # Dropout 0.05, as in PEFT's examples (the library's default is 0: README, LoRA).
+    return ({"r": 16, "alpha": 32, "dropout": 0.05, "lora_vision": args.train_vision_tower,
              "modules_to_save": ["lm_head"]} if args.lora else None)
 
 
 def sft_config(args, output_dir: str, steps: int) -> SFTConfig:
-    # The random vision tower is trained too: there is no pretrained encoder to keep (the paper
-    # freezes a pretrained one).
+    # The random vision tower stays frozen, as the paper freezes its pretrained one. Its random features
+    # already tell the stains apart; trained, its gradients are noise until the language model reads the
+    # image tokens, yet Adam moves it at full step size and scrambles those features in a few steps.
     return SFTConfig(output_dir=output_dir, batch_size=16, micro_batch_size=8 if args.deepspeed else 16,
                      learning_rate=args.sft_lr, max_steps=steps, warmup_steps=5, lr_scheduler="cosine",
-                     freeze_vision_tower=False, seed=args.seed, save_steps=0, deepspeed=args.deepspeed,
+                     freeze_vision_tower=not args.train_vision_tower, seed=args.seed, save_steps=0, deepspeed=args.deepspeed,
                      overwrite_output_dir=args.stage == "all" or args.overwrite, lora=lora_settings(args))
 
 
 def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0, lora=None) -> GRPOConfig:
-    # The paper's G=4 and beta=0.04. The paper freezes a pretrained vision tower; ours was trained
-    # from scratch for a few hundred SFT steps, so by default GRPO may improve it too.
+    # The paper's G=4 and beta=0.04; the vision tower frozen as in SFT. Warmup, then cosine decay: Adam's
+    # first updates move every weight by about the full learning rate whatever its gradient, and at a
+    # constant 5e-4 one class could collapse early or late in the run (README: The demo).
     return GRPOConfig(output_dir=output_dir, group_size=4, prompts_per_step=args.prompts_per_step,
-                      temperature=args.temperature, freeze_vision_tower=args.freeze_vision_tower,
+                      temperature=args.temperature, freeze_vision_tower=not args.train_vision_tower,
                       completions_per_micro_batch=16 if args.deepspeed else 4 * args.prompts_per_step,
-                      max_completion_length=args.max_completion_length, learning_rate=args.grpo_lr, beta=0.04,
+                      max_completion_length=args.max_completion_length, learning_rate=args.grpo_lr, lr_scheduler="cosine",
+                      warmup_steps=args.grpo_warmup, beta=0.04,
                       max_steps=steps, seed=args.seed, save_steps=0, eval_steps=eval_steps, eval_batch_size=100,
                       deepspeed=args.deepspeed, overwrite_output_dir=args.stage == "all" or args.overwrite, lora=lora)
 
