@@ -472,10 +472,16 @@ def model_from_config(config, seed: int):
     untouched. Generation stops at the text config's eos id(s), the family's end of turn."""
     from transformers import AutoModelForImageTextToText
 
+    text = config.get_text_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config)
-    text = config.get_text_config()
+        # transformers starts Gemma 3's image projection at zero (a pretrained checkpoint replaces it), so a
+        # random model's images are all the same to the language model until the projection trains, and a
+        # frozen tower (the paper's setting) would keep them invisible. Random, as the rest of the weights.
+        for module in model.modules():
+            if hasattr(module, "mm_input_projection_weight"):
+                torch.nn.init.normal_(module.mm_input_projection_weight, std=text.initializer_range)
     model.generation_config.eos_token_id = text.eos_token_id
     model.generation_config.pad_token_id = text.pad_token_id
     return model
