@@ -32,6 +32,11 @@ CONFIGS = {
     "paper-shape-small": dict(hidden_size=512, num_layers=8, image_size=448, max_vocab_size=4096,
                               vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, window_size=112),
                               prompts_per_step=2, group_size=4, max_completion_length=64),
+    # paper-shape-small's workload on a ~4.5x larger language model: where the weights, not the
+    # activations, start to dominate a step's memory (the LoRA comparison's second row).
+    "paper-shape-wide": dict(hidden_size=1024, num_layers=12, image_size=448, max_vocab_size=4096,
+                             vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, window_size=112),
+                             prompts_per_step=2, group_size=4, max_completion_length=64),
 }
 SEED = 0
 DEFAULT_FAMILY = "qwen2_5_vl"  # the configs above are Qwen2.5-VL; `--family` builds the others like them
