@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from .distributed import any_rank
 from .logprobs import prefill
@@ -91,6 +92,7 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
         logits = out.logits[:, -1].float()
         attention_mask = copies.attention_mask
         next_position = family.next_position(positions)
+    reserve_cache(cache, params.max_new_tokens)
     n = logits.shape[0]
     eos = torch.tensor(family.eos_ids, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
@@ -122,6 +124,42 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
     # 1 on every token up to and including the first EOS (all tokens when there is none).
     mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0
     return Completions(ids=ids, mask=mask.long(), truncated=~is_eos.any(1))
+
+
+class _ReservedLayer(DynamicLayer):
+    """A KV-cache layer whose keys and values sit in buffers with room for the tokens still to be
+    decoded: each step writes its token's keys and values in place, and `keys` / `values` are views
+    of the filled part. transformers' `DynamicLayer` concatenates instead, which copies the whole
+    cache at every step (half the decoding time of a 460-token prompt and 64 completion tokens on
+    CPU). Past the reserved room it falls back to concatenation."""
+
+    def __init__(self, layer: DynamicLayer, room: int):
+        super().__init__()
+        self.device, self.is_initialized, self.length = layer.keys.device, True, layer.keys.shape[-2]
+        self._keys, self._values = (torch.cat([t, t.new_empty(*t.shape[:-2], room, t.shape[-1])], dim=-2)
+                                    for t in (layer.keys, layer.values))
+        self.keys, self.values = layer.keys, layer.values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end <= self._keys.shape[-2]:
+            self._keys[..., self.length:end, :] = key_states
+            self._values[..., self.length:end, :] = value_states
+            self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
+        else:  # out of room: from here on the layer grows by concatenation
+            self.keys, self.values = super().update(key_states, value_states)
+            self._keys, self._values = self.keys, self.values
+        self.length = end
+        return self.keys, self.values
+
+
+def reserve_cache(cache, room: int) -> None:
+    """Give every plain key/value layer of `cache` buffers with `room` more tokens (`_ReservedLayer`).
+    Sliding-window, linear-attention and other layer kinds are left as they are."""
+    layers = getattr(cache, "layers", None) or []
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
+            layers[i] = _ReservedLayer(layer, room)
 
 
 def decode_completions(family: Family, completions: Completions) -> list[str]:

@@ -93,3 +93,25 @@ def test_logprobs_equal_plain_full_forward(tiny_parts, toy_rows):
     with torch.no_grad():
         wrong = model(**full).logits[0, -n - 1:-1].double() / 0.7
     assert not torch.allclose(wrong.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1), expected, atol=1e-4)
+
+
+def test_a_reserved_cache_holds_what_concatenation_would_past_its_room():
+    """Decoding writes keys and values into reserved room; past it the layer grows by concatenation.
+    Either way it hands attention the same tensors as transformers' own concatenating layer."""
+    from transformers.cache_utils import DynamicCache
+
+    from grpo.sampling import reserve_cache
+
+    torch.manual_seed(0)
+    ours, theirs = DynamicCache(), DynamicCache()
+    prompt = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    for cache in (ours, theirs):
+        cache.update(*prompt, layer_idx=0)
+    reserve_cache(ours, room=2)
+    assert type(ours.layers[0]).__name__ == "_ReservedLayer"
+    for step in range(4):  # two steps in the room, two past it
+        new = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+        got, want = ours.update(*new, layer_idx=0), theirs.update(*new, layer_idx=0)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), f"step {step}"
+        assert ours.get_seq_length() == theirs.get_seq_length() == 6 + step
