@@ -138,6 +138,86 @@ def shared_prefix_logprobs(family: Family, model, prompts: PromptBatch, prompt_i
     return torch.cat([first, rest], dim=1)
 
 
+def packed_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: list[int],
+                    completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    temperature: float = 1.0, with_entropy: bool = False):
+    """`shared_prefix_logprobs` as one forward without a KV cache: each prompt followed by all its
+    completions in one sequence, under a mask that lets every completion see the prompt and its
+    own earlier tokens only.
+
+    Row b of the forward is prompt b (left-padded, P tokens), then K slots of C - 1 tokens, slot k
+    holding the k-th completion of prompt b (K: the most completions any prompt has; an unused slot
+    is padding that only sees itself). Each slot takes the positions that continue its prompt, as
+    in the rollout. Against the cached path this keeps one copy of the prompt's keys and values per
+    prompt instead of one per completion, and it runs under gradient checkpointing (which turns the
+    KV cache off). Needs a family whose layers all attend fully (`Family.can_pack`).
+    """
+    device = completion_ids.device
+    N, C = completion_ids.shape
+    B, P = prompts.input_ids.shape
+    slots: list[list[int]] = [[] for _ in range(B)]  # completion indices of each prompt, in order
+    for i, b in enumerate(prompt_index):
+        slots[b].append(i)
+    K, T = max(len(s) for s in slots), C - 1  # slots per prompt, tokens fed per slot
+    ids = torch.full((B, K, T), family.pad_id, dtype=completion_ids.dtype, device=device)
+    for b, members in enumerate(slots):
+        ids[b, : len(members)] = completion_ids[members, :-1]
+    input_ids = torch.cat([prompts.input_ids, ids.view(B, K * T)], dim=1)
+    positions = family.positions(model, prompts.input_ids, prompts.token_types, prompts.pixel_inputs(),
+                                 prompts.attention_mask)
+    continuation = family.continuation_positions(family.next_position(positions), T)  # [(3,) B, T]
+    positions = torch.cat([positions, continuation.repeat(*([1] * (continuation.dim() - 1)), K)], dim=-1)
+    token_types = torch.cat([prompts.token_types, torch.zeros_like(input_ids[:, P:])], dim=1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=_packed_mask(prompts.attention_mask, K, T, family.attention_implementation(model),
+                                    unwrap(model).dtype),
+        position_ids=positions,
+        use_cache=False,
+        logits_to_keep=K * T + 1,
+        **family.forward_kwargs(token_types),
+        **vision_kwargs(family, prompts),
+    )
+    # The last prompt position predicts every completion's first token; slot position t its token t + 1.
+    index = torch.as_tensor(prompt_index, device=device)
+    parts = [gather_logprobs(out.logits[index, 0][:, None], completion_ids[:, :1], temperature, with_entropy)]
+    if T:
+        slot_logits = out.logits[:, 1:].view(B, K, T, -1)
+        rest = [gather_logprobs(slot_logits[b, : len(members)], completion_ids[members, 1:], temperature, with_entropy)
+                for b, members in enumerate(slots) if members]
+        order = torch.as_tensor([i for members in slots for i in members], device=device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(N, device=device)
+        if with_entropy:
+            parts.append(tuple(torch.cat(kind)[inverse] for kind in zip(*rest)))
+        else:
+            parts.append(torch.cat(rest)[inverse])
+    if with_entropy:
+        return tuple(torch.cat(kind, dim=1) for kind in zip(*parts))
+    return torch.cat(parts, dim=1)
+
+
+def _packed_mask(prompt_mask: torch.Tensor, slots: int, length: int, implementation: str, dtype) -> torch.Tensor:
+    """[B, 1, L, L] mask of `packed_logprobs`' rows, L = P + slots * length: a prompt token sees the
+    real prompt tokens up to itself, a completion token the real prompt tokens and its own slot's
+    tokens up to itself; every token sees itself (a padding row must see something). Boolean (True:
+    attend) for sdpa, additive (0 / the dtype's minimum) for eager attention."""
+    B, P = prompt_mask.shape
+    device = prompt_mask.device
+    L = P + slots * length
+    seq = torch.arange(L, device=device)
+    slot = torch.cat([torch.full((P,), -1, device=device), torch.arange(slots, device=device).repeat_interleave(length)])
+    causal = seq[None, :] <= seq[:, None]  # [L, L] key <= query
+    same_part = (slot[None, :] == slot[:, None]) | (slot[None, :] == -1)  # own slot, or the prompt
+    real_key = torch.cat([prompt_mask.bool(), torch.ones(B, L - P, dtype=torch.bool, device=device)], dim=1)
+    mask = (causal & same_part)[None] & real_key[:, None, :]
+    mask = mask | torch.eye(L, dtype=torch.bool, device=device)[None]
+    mask = mask[:, None]  # [B, 1, L, L]
+    if implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def _checkpointing(model) -> bool:
     """Whether gradient checkpointing is on (it turns the KV cache off, so the shared path cannot run)."""
     module = unwrap(model)
@@ -154,6 +234,9 @@ def group_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: li
     checkpointing; otherwise the plain path (one prompt copy per completion). `with_entropy=True`
     returns (log-probs, token entropies [N, C]), computed row by row from the same logits.
     """
+    if shared_prefix and family.fast_path and family.can_pack(model):
+        return packed_logprobs(family, model, prompts, prompt_index, completion_ids, completion_mask, temperature,
+                               with_entropy)
     if shared_prefix and family.fast_path and not _checkpointing(model):
         return shared_prefix_logprobs(family, model, prompts, prompt_index, completion_ids, completion_mask, temperature,
                                       with_entropy)

@@ -60,7 +60,10 @@ def varied_rows(rows):
     return [rows[0], longer, text_only]
 
 
-def test_completion_logprobs_equal_the_models_own_forward_on_both_paths(parts, rows):
+def test_completion_logprobs_equal_the_models_own_forward_on_both_paths(parts, rows, monkeypatch):
+    """Plain, shared (packed where the family packs) and shared through the prompt's KV cache."""
+    from grpo.models import Family
+
     name, model, processor = parts
     model = copy.deepcopy(model).double().eval()
     chosen = varied_rows(rows)
@@ -70,15 +73,21 @@ def test_completion_logprobs_equal_the_models_own_forward_on_both_paths(parts, r
     with torch.no_grad():
         shared = completion_logprobs(model, processor, chosen, completions, shared_prefix=True)
         plain = completion_logprobs(model, processor, chosen, completions, shared_prefix=False)
-        for row, ids_list, ours_s, ours_p in zip(chosen, completions, shared, plain):
-            for ids, s, p in zip(ids_list, ours_s, ours_p):
+        monkeypatch.setattr(Family, "can_pack", lambda self, model: False)
+        cached = completion_logprobs(model, processor, chosen, completions, shared_prefix=True)
+        for row, ids_list, ours_s, ours_p, ours_c in zip(chosen, completions, shared, plain, cached):
+            for ids, s, p, c in zip(ids_list, ours_s, ours_p, ours_c):
                 expected = own_forward_logprobs(model, processor, row, ids)
                 assert s.dtype == torch.float32 and s.shape == (len(ids),)
                 torch.testing.assert_close(p.double(), expected, **CLOSE, msg=f"{name} plain")
                 torch.testing.assert_close(s.double(), expected, **CLOSE, msg=f"{name} shared")
+                torch.testing.assert_close(c.double(), expected, **CLOSE, msg=f"{name} shared, cached prompt")
 
 
-def test_shared_prefix_gradients_equal_the_plain_paths(parts, rows):
+def test_shared_prefix_gradients_equal_the_plain_paths(parts, rows, monkeypatch):
+    """Packed (where the family packs), through the prompt's KV cache, and plain."""
+    from grpo.models import Family
+
     name, model, processor = parts
     model = copy.deepcopy(model).double().train()
     family = family_for(model, processor, quiet=True)
@@ -89,19 +98,22 @@ def test_shared_prefix_gradients_equal_the_plain_paths(parts, rows):
     mask[1, 3:] = 0
     weights = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64)[:, None]
     grads = []
-    for shared in (True, False):
+    for shared, pack in ((True, True), (True, False), (False, False)):
+        if not pack:
+            monkeypatch.setattr(Family, "can_pack", lambda self, model: False)
         model.zero_grad(set_to_none=True)
         logprobs = group_logprobs(family, model, prompts, [0, 0, 1, 1, 2, 2], ids, mask, shared_prefix=shared)
         (logprobs * mask * weights).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for key, value in grads[1].items():
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and grads[0]
+    for (key, value), variant in ((item, variant) for variant in (0, 1) for item in grads[2].items()):
         scale = float(value.abs().max())
         # Qwen3.5's linear-attention gate g is computed in float32 inside the model (`.float()`) and
         # summed over the sequence in a different order when the prompt is forwarded apart: its three
         # parameters agree to ~5e-4 of their largest gradient entry (every other one to ~2e-7).
         tolerance = 2e-3 if any(gate in key for gate in ("dt_bias", "A_log", "in_proj_a")) else 1e-6
-        torch.testing.assert_close(grads[0][key], value, atol=tolerance * scale + 1e-12, rtol=0, msg=f"{name} {key}")
+        torch.testing.assert_close(grads[variant][key], value, atol=tolerance * scale + 1e-12, rtol=0,
+                                   msg=f"{name} {key} {('packed', 'cached')[variant]}")
 
 
 def test_rollout_never_samples_vision_tokens_and_stops_at_the_familys_end_of_turn(parts, rows):

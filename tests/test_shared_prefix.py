@@ -108,7 +108,14 @@ def test_shared_prefix_handles_prompts_used_unevenly_and_one_token_completions(m
         torch.testing.assert_close(shared * mask, plain * mask, **TIGHT)
 
 
-def test_gradient_checkpointing_falls_back_to_the_plain_path(model64, family, toy_rows):
+def test_gradient_checkpointing_keeps_the_shared_path_packed(model64, family, toy_rows, monkeypatch):
+    """Checkpointing turns the KV cache off; the packed shared path needs none, so it still runs and
+    gives the plain path's log-probs and gradients."""
+    import grpo.logprobs
+
+    calls = []
+    packed = grpo.logprobs.packed_logprobs
+    monkeypatch.setattr(grpo.logprobs, "packed_logprobs", lambda *a, **k: calls.append(1) or packed(*a, **k))
     processor = family.processor
     model = copy.deepcopy(model64)
     model.activation_checkpointing_enable()
@@ -118,6 +125,7 @@ def test_gradient_checkpointing_falls_back_to_the_plain_path(model64, family, to
     weights = torch.ones(4, 1, dtype=torch.float64)
     plain, plain_grads = logprobs_and_grads(family, model64, prompts, [0, 0, 1, 1], ids, mask, False, weights)
     ours, grads = logprobs_and_grads(family, model, prompts, [0, 0, 1, 1], ids, mask, True, weights)
+    assert calls == [1]
     torch.testing.assert_close(ours, plain, **TIGHT)
     assert_grads_close(grads, plain_grads)
 
@@ -214,3 +222,17 @@ def test_token_entropies_from_the_log_prob_pass_on_both_paths(model64, family, t
         torch.testing.assert_close(shared[1] * mask, plain[1] * mask, **TIGHT)
         torch.testing.assert_close(plain[0] * mask, alone * mask, **TIGHT)
         assert (shared[1][mask.bool()] > 0).all()
+
+
+def test_packed_path_under_eager_attention_uses_an_additive_mask(model64, family, toy_rows):
+    """Eager attention adds the mask to the scores: the packed path hands it 0 / -inf-like floats."""
+    model = copy.deepcopy(model64)
+    model.set_attn_implementation("eager")
+    assert family.can_pack(model) and family.attention_implementation(model) == "eager"
+    prompts = encode_prompts(family, toy_rows[:2], [0, 1], max_prompt_length=4096)
+    ids, mask = ragged_completions(4, 6, model.config.text_config.vocab_size, family.processor.tokenizer.eos_token_id, seed=5)
+    with torch.no_grad():
+        plain = plain_logprobs(family, model64, prompts.select([0, 0, 1, 1]), ids, mask)
+        packed = group_logprobs(family, model, prompts, [0, 0, 1, 1], ids, mask)
+    # eager attention takes its softmax in float32 even for a float64 model: 1e-6, not TIGHT
+    torch.testing.assert_close(packed * mask, plain * mask, atol=1e-6, rtol=1e-6)

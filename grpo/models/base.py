@@ -78,6 +78,9 @@ class Family:
     name = "generic"
     model_types: tuple[str, ...] = ()  # the transformers `model_type`s this class serves
     fast_path = False  # vision once, prefill once and shared-prefix log-probs are exact
+    # The shared-prefix log-probs as one forward over each prompt and all its completions, under a
+    # custom mask (`logprobs.packed_logprobs`); `can_pack` also checks the model's layers.
+    packs_groups = False
     token_type_key: str | None = None  # the processor's row marking image tokens, e.g. "mm_token_type_ids"
     position_rows = 0  # 0: 1-D position ids [B, L]; 3: mRoPE ids [3, B, L]
     extra_vision_tokens: tuple[str, ...] = ()  # vision special tokens the config and processor do not name
@@ -190,6 +193,21 @@ class Family:
         """The modules that turn pixels into the features the language model reads."""
         inner = inner_model(model)
         return [getattr(inner, name) for name in _VISION_MODULES if isinstance(getattr(inner, name, None), torch.nn.Module)]
+
+    # ------------------------------------------------------------------ packed groups
+    def attention_implementation(self, model) -> str | None:
+        return getattr(text_config(unwrap(model).config), "_attn_implementation", None)
+
+    def can_pack(self, model) -> bool:
+        """Whether `packed_logprobs` is exact for `model`: a family that allows it, every language-model
+        layer attending fully (no sliding window, no linear attention: their state runs along the
+        sequence, across the packed completions), and an attention that takes a 4-D mask."""
+        if not self.packs_groups:
+            return False
+        config = text_config(unwrap(model).config)
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+        return (all(kind == "full_attention" for kind in layer_types) and not getattr(config, "use_sliding_window", False)
+                and self.attention_implementation(model) in ("sdpa", "eager"))
 
     # ------------------------------------------------------------------ KV cache
     def cache_kwargs(self, model, cache) -> dict:

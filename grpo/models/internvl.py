@@ -13,6 +13,7 @@ from .pooled import PooledFeaturesFamily
 class InternVLFamily(PooledFeaturesFamily):
     name = "internvl"
     model_types = ("internvl",)
+    packs_groups = True
 
     def _vision_output(self, model, pixel_values):
         config = inner_model(model).config

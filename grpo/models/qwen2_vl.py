@@ -20,6 +20,7 @@ class Qwen2VLFamily(Family):
     name = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
     fast_path = True
+    packs_groups = True
     lacks = None
     token_type_key = "mm_token_type_ids"
     position_rows = 3

@@ -28,6 +28,7 @@ def _replace_recurrent_state(layer, recurrent_states, state_idx: int = 0, **kwar
 class Qwen3_5Family(Qwen2VLFamily):
     name = "qwen3_5"
     model_types = ("qwen3_5", "qwen3_5_moe")
+    packs_groups = False  # a linear-attention layer's state would run from one packed completion into the next
 
     def repeat_cache(self, cache, repeats):
         for layer in cache.layers:
