@@ -5,7 +5,8 @@
 
 Both sides load one saved random-weight model directory and train on the same `prompts_per_step`
 rows every step (the dataset is exactly those rows), with G=4, beta=0.04, loss_type grpo,
-num_iterations 1, temperature 1, the vision tower frozen, no gradient checkpointing, one forward
+num_iterations 1, temperature 1, the vision tower frozen, no gradient checkpointing (unless
+`--gradient-checkpointing`, for every side), one forward
 per step over all completions, and EOS (and the vision tokens) suppressed in sampling so every
 completion runs to max_completion_length on both sides. Each side runs in its own subprocess (so
 peak RSS is its own); the subprocesses alternate, `--rounds` times, and each times `--steps` steps
@@ -67,6 +68,7 @@ def run_ours(args, shape, rows, shared_prefix: bool, lora=None) -> tuple[list[fl
             max_completion_length=shape["max_completion_length"], beta=0.04, loss_type="grpo", num_iterations=1,
             temperature=1.0, learning_rate=1e-6, max_steps=args.warmup + args.steps, save_steps=0, log_completions=0,
             freeze_vision_tower=True, dtype="float32", shared_prefix=shared_prefix, seed=0, lora=lora,
+            gradient_checkpointing=args.gradient_checkpointing,
         )
         baseline = common.rss_mib()
         trainer = Trainer(args.model_dir, args.model_dir, [length_reward], rows, cfg)
@@ -114,7 +116,7 @@ def run_trl(args, shape, rows) -> tuple[list[float], dict]:
             output_dir=out, num_generations=shape["group_size"], per_device_train_batch_size=completions,
             gradient_accumulation_steps=1, max_completion_length=shape["max_completion_length"], beta=0.04,
             loss_type="grpo", num_iterations=1, temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-6,
-            max_steps=args.warmup + args.steps, gradient_checkpointing=False, use_cpu=True, bf16=False,
+            max_steps=args.warmup + args.steps, gradient_checkpointing=args.gradient_checkpointing, use_cpu=True, bf16=False,
             report_to="none", save_strategy="no", logging_steps=1, shuffle_dataset=False,
             dataloader_num_workers=0, seed=0, log_completions=False,
             generation_kwargs={"suppress_tokens": family.forbidden_ids + family.eos_ids},
@@ -144,7 +146,7 @@ def spawn(args, side: str, model_dir: str, return_freed: bool = False) -> dict:
     """One worker subprocess of `side`; `return_freed`: glibc returning freed memory (the live-memory run)."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--config", args.config, "--family", args.family,
                "--model-dir", model_dir, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(common.RETURN_FREED_MEMORY if return_freed else {})}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -169,6 +171,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every side")
     parser.add_argument("--with-plain", action="store_true", help="also time our plain path (shared_prefix=False)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="every side recomputes activations in backward")
     parser.add_argument("--lora", action="store_true", help="ours with a rank-16 LoRA adapter against ours fully fine-tuned, instead of TRL")
     parser.add_argument("--live-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="one more untimed run per side with glibc returning freed memory: the live peak")
@@ -227,7 +230,7 @@ def main() -> None:
         "family_shape": common.FAMILY_SHAPES.get(args.family) if args.config == "paper-shape-small" else None,
         "model": model_info,
         "settings": {"beta": 0.04, "loss_type": "grpo", "num_iterations": 1, "temperature": 1.0,
-                     "freeze_vision_tower": True, "gradient_checkpointing": False, "eos_suppressed": True,
+                     "freeze_vision_tower": True, "gradient_checkpointing": args.gradient_checkpointing, "eos_suppressed": True,
                      "rounds": args.rounds, "timed_steps_per_round": args.steps, "warmup_steps_per_round": args.warmup,
                      "threads": args.threads},
         "started": started, "machine": {**machine, "load_average_at_end": os.getloadavg()},

@@ -6,8 +6,11 @@
 A GRPO group shares one prompt (and image) across its G completions, so the work that depends on
 the prompt only is done once where the model family allows it exactly (`Family.fast_path`):
 `with_image_features` runs the frozen vision tower once per image per step and every later forward
-reuses the features; `shared_prefix_logprobs` forwards each prompt once and lets its completions
-attend to the prompt's KV cache, gradients flowing back into the shared prompt once. `plain_logprobs`
+reuses the features; `packed_logprobs` forwards each prompt once followed by all its completions,
+under a mask that keeps the completions apart, and `shared_prefix_logprobs` (for families whose
+layers cannot take that mask: sliding windows, linear attention) forwards each prompt once and lets
+its completions attend to the prompt's KV cache; either way gradients flow back into the shared
+prompt once. `plain_logprobs`
 (one forward over prompt + completion per completion) is what every other model runs and what the
 shared path is tested against. Positions always come from the family (3-D mRoPE for the Qwen
 families) and are passed explicitly, so the rollout and every training forward use the same ones.
@@ -170,7 +173,7 @@ def packed_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: l
     token_types = torch.cat([prompts.token_types, torch.zeros_like(input_ids[:, P:])], dim=1)
     out = model(
         input_ids=input_ids,
-        attention_mask=_packed_mask(prompts.attention_mask, K, T, family.attention_implementation(model),
+        attention_mask=packed_mask(prompts.attention_mask, K, T, family.attention_implementation(model),
                                     unwrap(model).dtype),
         position_ids=positions,
         use_cache=False,
@@ -197,29 +200,43 @@ def packed_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: l
     return torch.cat(parts, dim=1)
 
 
-def _packed_mask(prompt_mask: torch.Tensor, slots: int, length: int, implementation: str, dtype) -> torch.Tensor:
-    """[B, 1, L, L] mask of `packed_logprobs`' rows, L = P + slots * length: a prompt token sees the
-    real prompt tokens up to itself, a completion token the real prompt tokens and its own slot's
-    tokens up to itself; every token sees itself (a padding row must see something). Boolean (True:
-    attend) for sdpa, additive (0 / the dtype's minimum) for eager attention."""
+def packed_mask(prompt_mask: torch.Tensor, slots: int, length: int, implementation: str | None, dtype,
+                decoding: bool = False) -> torch.Tensor:
+    """The attention mask of a packed row: the prompt (left-padded, `prompt_mask` [B, P]) followed by
+    `slots` completions of `length` tokens each.
+
+    For `packed_logprobs` (slot-major: slot 1's tokens, then slot 2's, ...): [B, 1, L, L], L = P +
+    slots * length; a prompt token sees the real prompt tokens up to itself, a completion token the
+    real prompt tokens and its own slot's tokens up to itself, and every token itself (a padding row
+    must see something). With `decoding` (step-major: step 0's `slots` tokens, then step 1's, ...;
+    one query per slot): [B, 1, slots, L], the query of slot g seeing the real prompt tokens and
+    every key of slot g; the caller cuts the keys to the steps fed so far. Boolean (True: attend)
+    for sdpa, additive (0 / the dtype's minimum) for eager attention.
+    """
     B, P = prompt_mask.shape
     device = prompt_mask.device
     L = P + slots * length
-    seq = torch.arange(L, device=device)
-    slot = torch.cat([torch.full((P,), -1, device=device), torch.arange(slots, device=device).repeat_interleave(length)])
-    causal = seq[None, :] <= seq[:, None]  # [L, L] key <= query
-    same_part = (slot[None, :] == slot[:, None]) | (slot[None, :] == -1)  # own slot, or the prompt
     real_key = torch.cat([prompt_mask.bool(), torch.ones(B, L - P, dtype=torch.bool, device=device)], dim=1)
-    mask = (causal & same_part)[None] & real_key[:, None, :]
-    mask = mask | torch.eye(L, dtype=torch.bool, device=device)[None]
-    mask = mask[:, None]  # [B, 1, L, L]
+    if decoding:
+        key_slot = torch.cat([torch.full((P,), -1, device=device), torch.arange(slots, device=device).repeat(length)])
+        sees = (key_slot[None, :] == torch.arange(slots, device=device)[:, None]) | (key_slot[None, :] == -1)
+        mask = sees[None] & real_key[:, None, :]  # [B, slots, L]
+    else:
+        seq = torch.arange(L, device=device)
+        slot = torch.cat([torch.full((P,), -1, device=device),
+                          torch.arange(slots, device=device).repeat_interleave(length)])
+        causal = seq[None, :] <= seq[:, None]  # [L, L] key <= query
+        same_part = (slot[None, :] == slot[:, None]) | (slot[None, :] == -1)  # own slot, or the prompt
+        mask = (causal & same_part)[None] & real_key[:, None, :]
+        mask = mask | torch.eye(L, dtype=torch.bool, device=device)[None]
+    mask = mask[:, None]  # [B, 1, queries, L]
     if implementation == "sdpa":
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def _checkpointing(model) -> bool:
-    """Whether gradient checkpointing is on (it turns the KV cache off, so the shared path cannot run)."""
+    """Whether gradient checkpointing is on (it turns the KV cache off, so the cached shared path cannot run)."""
     module = unwrap(model)
     name = "is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing") else "is_gradient_checkpointing"
     return bool(getattr(module, name, False)) and module.training
@@ -230,8 +247,9 @@ def group_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: li
                    with_entropy: bool = False):
     """Log-probs [N, C] of completions under `model`; completion i continues prompt `prompt_index[i]`.
 
-    The shared-prefix path runs when asked, when the family has an exact one, and without gradient
-    checkpointing; otherwise the plain path (one prompt copy per completion). `with_entropy=True`
+    The shared-prefix path runs when asked and when the family has an exact one: packed into one
+    forward where the model allows (`Family.can_pack`), else through the prompt's KV cache (not under
+    gradient checkpointing); otherwise the plain path (one prompt copy per completion). `with_entropy=True`
     returns (log-probs, token entropies [N, C]), computed row by row from the same logits.
     """
     if shared_prefix and family.fast_path and family.can_pack(model):

@@ -9,14 +9,16 @@ ids; the family's vision special tokens are never sampled.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 from .distributed import any_rank
-from .logprobs import prefill
-from .models import Family
+from .logprobs import packed_mask, prefill
+from .models import Family, unwrap
 from .prompts import PromptBatch
 
 
@@ -78,13 +80,17 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
     not leave the others hanging.
     """
     device = prompts.input_ids.device
+    packed = family.fast_path and family.can_pack(model) and group_size > 1
     if family.fast_path:
         out, positions = prefill(family, model, prompts)
         cache = family.cache_of(out)
-        family.repeat_cache(cache, group_size)
+        if not packed:
+            family.repeat_cache(cache, group_size)
         logits = out.logits[:, -1].float().repeat_interleave(group_size, 0)  # [N, V]
         attention_mask = prompts.attention_mask.repeat_interleave(group_size, 0)
-        next_position = family.next_position(positions).repeat_interleave(group_size, 0)  # [N]
+        next_position = family.next_position(positions)  # [B]
+        if not packed:
+            next_position = next_position.repeat_interleave(group_size, 0)  # [N]
     else:
         copies = prompts.select([i for i in range(len(prompts)) for _ in range(group_size)])
         out, positions = prefill(family, model, copies)
@@ -92,33 +98,46 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
         logits = out.logits[:, -1].float()
         attention_mask = copies.attention_mask
         next_position = family.next_position(positions)
-    reserve_cache(cache, params.max_new_tokens)
+    reserve_cache(cache, params.max_new_tokens * (group_size if packed else 1))
+    if packed:  # the G tokens of a prompt's completions go in one row: [prompt | step 0's G | step 1's G | ...]
+        decode_mask = packed_mask(prompts.attention_mask, group_size, params.max_new_tokens,
+                                  family.attention_implementation(model), unwrap(model).dtype, decoding=True)
     n = logits.shape[0]
     eos = torch.tensor(family.eos_ids, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens = []
-    for step in range(params.max_new_tokens):
-        if family.forbidden_ids:
-            logits[:, family.forbidden_ids] = float("-inf")
-        token = sample_tokens(logits, params, generator)
-        token = torch.where(finished, torch.full_like(token, family.pad_id), token)
-        tokens.append(token)
-        finished = finished | torch.isin(token, eos)
-        done = bool(finished.all())
-        if synced:
-            done = not any_rank(not done, device)
-        if done or step == params.max_new_tokens - 1:
-            break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=attention_mask,
-            position_ids=family.continuation_positions(next_position + step, 1),
-            **family.continuation_kwargs(token[:, None]),
-            **family.cache_kwargs(model, cache),
-        )
-        cache = family.cache_of(out)
-        logits = out.logits[:, -1].float()
+    with _grouped_attention(device) if packed else contextlib.nullcontext():
+        for step in range(params.max_new_tokens):
+            if family.forbidden_ids:
+                logits[:, family.forbidden_ids] = float("-inf")
+            token = sample_tokens(logits, params, generator)
+            token = torch.where(finished, torch.full_like(token, family.pad_id), token)
+            tokens.append(token)
+            finished = finished | torch.isin(token, eos)
+            done = bool(finished.all())
+            if synced:
+                done = not any_rank(not done, device)
+            if done or step == params.max_new_tokens - 1:
+                break
+            if packed:
+                fed = token.view(-1, group_size)  # [B, G]
+                positions = family.continuation_positions(next_position + step, 1)
+                positions = positions.expand(*positions.shape[:-1], group_size)
+                mask = decode_mask[..., : prompts.input_ids.shape[1] + (step + 1) * group_size]
+            else:
+                fed = token[:, None]  # [N, 1]
+                positions = family.continuation_positions(next_position + step, 1)
+                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+                mask = attention_mask
+            out = model(
+                input_ids=fed,
+                attention_mask=mask,
+                position_ids=positions,
+                **family.continuation_kwargs(fed),
+                **family.cache_kwargs(model, cache),
+            )
+            cache = family.cache_of(out)
+            logits = (out.logits.reshape(n, -1) if packed else out.logits[:, -1]).float()
     ids = torch.stack(tokens, dim=1)  # [N, C]
     is_eos = torch.isin(ids, eos)
     # 1 on every token up to and including the first EOS (all tokens when there is none).
@@ -151,6 +170,28 @@ class _ReservedLayer(DynamicLayer):
             self._keys, self._values = self.keys, self.values
         self.length = end
         return self.keys, self.values
+
+
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def _grouped_attention(device):
+    """On CPU, let transformers hand sdpa grouped keys and values (`enable_gqa`) even with a mask.
+
+    transformers (5.24) copies every key/value head out to its query heads whenever a mask is given
+    and more than one query is fed, as CUDA's masked kernels need; packed decoding feeds G queries
+    per row with a mask, so that copy would rewrite the whole cache at every step. torch's CPU
+    kernel takes the heads grouped. transformers reads the switch, an environment variable, at
+    every attention call; it is set only while decoding and only on CPU."""
+    if device.type != "cpu" or _FORCE_GQA in os.environ:
+        yield
+        return
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_FORCE_GQA, None)
 
 
 def reserve_cache(cache, room: int) -> None:

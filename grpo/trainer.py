@@ -106,10 +106,12 @@ class GRPOConfig(ConfigMixin):
     offload_optimizer: bool = False  # DeepSpeed: optimizer states in CPU memory
     offload_params: bool = False  # DeepSpeed ZeRO-3: parameters in CPU memory
     # Share each prompt across its G completions: image features computed once per step, each prompt
-    # forwarded once per log-prob pass with its G completions attending to its KV cache (the plain
-    # path's numbers, less work). The policy forward falls back to the plain path under
-    # gradient_checkpointing (no KV cache there); with freeze_vision_tower=False it runs the vision
-    # tower again, once per prompt, with gradient. False = plain path: each completion its own prompt.
+    # forwarded once per log-prob pass with its G completions (the plain path's numbers, less work):
+    # packed into one sequence under a mask where the family's layers all attend fully (Qwen2/2.5/3-VL,
+    # InternVL; also under gradient_checkpointing), else attending to the prompt's KV cache (Gemma 3,
+    # Qwen3.5; these fall back to the plain path under gradient_checkpointing, which turns the cache
+    # off). With freeze_vision_tower=False the vision tower runs again, once per prompt, with gradient.
+    # False = plain path: each completion its own prompt.
     # Runs under DeepSpeed ZeRO-2/3 too (tests/test_distributed.py); benchmarks/README.md has the speed-up.
     # A model of no known family runs the plain path whatever this says (README: Model families).
     shared_prefix: bool = True

@@ -143,8 +143,9 @@ def test_every_decoding_step_scores_the_next_token_as_the_models_own_forward(par
     model = copy.deepcopy(model).double().eval()
     family = family_for(model, processor, quiet=True)
     chosen = varied_rows(rows)
-    steps = []  # the lm_head output of every forward: [B or N, 1, V]
-    model.lm_head.register_forward_hook(lambda module, inputs, output: steps.append(output[:, -1].clone()))
+    steps = []  # the lm_head output of every forward, one row per sequence: [B or N, V]
+    # (a decoding step feeds [N, 1] tokens, or [B, G] where the family packs a prompt's G completions)
+    model.lm_head.register_forward_hook(lambda module, inputs, output: steps.append(output.reshape(-1, output.shape[-1]).clone()))
     G = 2
     out = generate(family, model, encode_prompts(family, chosen, [0, 1, 2], 4096), SamplingParams(max_new_tokens=6),
                    group_size=G, generator=torch.Generator().manual_seed(0))

@@ -236,3 +236,16 @@ def test_packed_path_under_eager_attention_uses_an_additive_mask(model64, family
         packed = group_logprobs(family, model, prompts, [0, 0, 1, 1], ids, mask)
     # eager attention takes its softmax in float32 even for a float64 model: 1e-6, not TIGHT
     torch.testing.assert_close(packed * mask, plain * mask, atol=1e-6, rtol=1e-6)
+
+
+def test_packed_decoding_under_eager_attention_samples_what_sdpa_samples(model64, family, toy_rows):
+    """Decoding feeds a prompt's G tokens in one row under a mask: boolean for sdpa, additive for eager.
+    (float32: transformers' own eager prefill of left-padded prompts gives NaN in float64.)"""
+    sdpa = copy.deepcopy(model64).float()
+    eager = copy.deepcopy(sdpa)
+    eager.set_attn_implementation("eager")
+    prompts = encode_prompts(family, toy_rows[:2], [0, 1], max_prompt_length=4096)
+    runs = [generate(family, model.eval(), prompts, SamplingParams(max_new_tokens=8), group_size=3,
+                     generator=torch.Generator().manual_seed(0)) for model in (sdpa, eager)]
+    assert family.can_pack(sdpa) and family.attention_implementation(eager) == "eager"
+    assert torch.equal(runs[0].ids, runs[1].ids) and torch.equal(runs[0].mask, runs[1].mask)
