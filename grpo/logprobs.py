@@ -174,7 +174,7 @@ def packed_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: l
     out = model(
         input_ids=input_ids,
         attention_mask=packed_mask(prompts.attention_mask, K, T, family.attention_implementation(model),
-                                    unwrap(model).dtype),
+                                   unwrap(model).dtype),
         position_ids=positions,
         use_cache=False,
         logits_to_keep=K * T + 1,

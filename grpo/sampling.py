@@ -180,10 +180,12 @@ def _grouped_attention(device):
     """On CPU, let transformers hand sdpa grouped keys and values (`enable_gqa`) even with a mask.
 
     transformers (5.24) copies every key/value head out to its query heads whenever a mask is given
-    and more than one query is fed, as CUDA's masked kernels need; packed decoding feeds G queries
-    per row with a mask, so that copy would rewrite the whole cache at every step. torch's CPU
+    and more than one query is fed, as CUDA's masked kernels need. Packed decoding feeds G queries
+    per row with a mask, so that copy would rewrite the whole cache at every step; torch's CPU
     kernel takes the heads grouped. transformers reads the switch, an environment variable, at
-    every attention call; it is set only while decoding and only on CPU."""
+    every attention call; it is set only while decoding packed rows, and only on CPU. (The packed
+    training forward keeps the copies: with grouped heads its key/value gradients add up in another
+    order, and its copies are made once per forward, not once per token.)"""
     if device.type != "cpu" or _FORCE_GQA in os.environ:
         yield
         return
