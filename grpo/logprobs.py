@@ -235,6 +235,18 @@ def packed_mask(prompt_mask: torch.Tensor, slots: int, length: int, implementati
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def _packing_pays(prompts: PromptBatch, prompt_index: list[int], length: int) -> bool:
+    """Whether the packed forward's attention ([P + K T]^2 per prompt: the mask is dense) is at most
+    twice the cached path's (P^2 + K T (P + T)), T = length - 1 tokens fed per completion, K per
+    prompt. Short completions (the benchmark's 64 after a 460-token prompt: 1.5x) pack; G long
+    ones do not (4 x 1024 after 1024: 2.8x), and there the cached path's per-completion copy of the
+    prompt's keys and values is small beside the weights anyway. Under gradient checkpointing the
+    packed forward runs whatever this says: the cached one cannot run there."""
+    P, T = prompts.input_ids.shape[1], length - 1
+    K = max(prompt_index.count(b) for b in set(prompt_index))
+    return (P + K * T) ** 2 <= 2 * (P * P + K * T * (P + T))
+
+
 def _checkpointing(model) -> bool:
     """Whether gradient checkpointing is on (it turns the KV cache off, so the cached shared path cannot run)."""
     module = unwrap(model)
@@ -248,14 +260,17 @@ def group_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: li
     """Log-probs [N, C] of completions under `model`; completion i continues prompt `prompt_index[i]`.
 
     The shared-prefix path runs when asked and when the family has an exact one: packed into one
-    forward where the model allows (`Family.can_pack`), else through the prompt's KV cache (not under
-    gradient checkpointing); otherwise the plain path (one prompt copy per completion). `with_entropy=True`
+    forward where the model allows it (`Family.can_pack`) and it pays (`_packing_pays`, or under
+    gradient checkpointing), else through the prompt's KV cache (not under gradient checkpointing);
+    otherwise the plain path (one prompt copy per completion). `with_entropy=True`
     returns (log-probs, token entropies [N, C]), computed row by row from the same logits.
     """
-    if shared_prefix and family.fast_path and family.can_pack(model):
+    checkpointing = _checkpointing(model)
+    if shared_prefix and family.fast_path and family.can_pack(model) and (
+            checkpointing or _packing_pays(prompts, prompt_index, completion_ids.shape[1])):
         return packed_logprobs(family, model, prompts, prompt_index, completion_ids, completion_mask, temperature,
                                with_entropy)
-    if shared_prefix and family.fast_path and not _checkpointing(model):
+    if shared_prefix and family.fast_path and not checkpointing:
         return shared_prefix_logprobs(family, model, prompts, prompt_index, completion_ids, completion_mask, temperature,
                                       with_entropy)
     return plain_logprobs(family, model, prompts.select(list(prompt_index)), completion_ids, completion_mask, temperature,

@@ -249,3 +249,28 @@ def test_packed_decoding_under_eager_attention_samples_what_sdpa_samples(model64
                      generator=torch.Generator().manual_seed(0)) for model in (sdpa, eager)]
     assert family.can_pack(sdpa) and family.attention_implementation(eager) == "eager"
     assert torch.equal(runs[0].ids, runs[1].ids) and torch.equal(runs[0].mask, runs[1].mask)
+
+
+def test_long_completions_take_the_cached_prompt_path_unless_checkpointing(model64, family, toy_rows, monkeypatch):
+    """The packed mask is dense: when G completions are long beside the prompt, its attention costs
+    more than twice the cached path's, and the cached path runs (the packed one under checkpointing)."""
+    import grpo.logprobs
+
+    taken = []
+    for name in ("packed_logprobs", "shared_prefix_logprobs"):
+        real = getattr(grpo.logprobs, name)
+        monkeypatch.setattr(grpo.logprobs, name, lambda *a, _real=real, _name=name, **k: taken.append(_name) or _real(*a, **k))
+    prompts = encode_prompts(family, toy_rows[:1], [0], max_prompt_length=4096)
+    P = prompts.input_ids.shape[1]
+    for length, expected in ((P // 4, "packed_logprobs"), (2 * P, "shared_prefix_logprobs")):
+        ids, mask = ragged_completions(4, length, model64.config.text_config.vocab_size, family.processor.tokenizer.eos_token_id, seed=2)
+        with torch.no_grad():
+            shared = group_logprobs(family, model64, prompts, [0, 0, 0, 0], ids, mask)
+            plain = plain_logprobs(family, model64, prompts.select([0, 0, 0, 0]), ids, mask)
+        assert taken.pop() == expected, (length, P)
+        torch.testing.assert_close(shared * mask, plain * mask, **TIGHT)
+    model = copy.deepcopy(model64)
+    model.activation_checkpointing_enable()
+    model.train()
+    group_logprobs(family, model, prompts, [0, 0, 0, 0], ids, mask)
+    assert taken.pop() == "packed_logprobs"
