@@ -1,10 +1,12 @@
 """Sampling G completions per prompt with a KV cache, and decoding them to text.
 
 `SamplingParams` is the one record of how tokens are drawn (the trainer's rollout, evaluation's
-greedy decoding and users' own calls all pass one). `generate` prefills each prompt once and
-repeats its cache G times where the family allows it (otherwise each of the G copies is prefilled),
-then samples token by token until every completion has ended with one of the family's end-of-turn
-ids; the family's vision special tokens are never sampled.
+greedy decoding and users' own calls all pass one). `generate` prefills each prompt once where the
+family allows it (otherwise each of the G copies is prefilled), then samples token by token until
+every completion has ended with one of the family's end-of-turn ids; the family's vision special
+tokens are never sampled. A packing family (`Family.can_pack`) decodes a prompt's G completions in
+one row under a mask; the others repeat the prompt's cache G times. Either way each step's keys and
+values are written into room reserved in the cache (`reserve_cache`).
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
     """Sample `group_size` completions per prompt (N = B * group_size), prompt-major.
 
     Fast-path families prefill each prompt once (the vision tower not at all when `prompts` carries
-    cached features) and repeat its cache G times; the others prefill each copy. `synced` (needed
+    cached features), then decode its G completions in one row (`packed`: each step feeds [B, G]
+    tokens at one position, `packed_mask` keeping the completions apart) or repeat its cache G
+    times (one token per row); the others prefill each copy. `synced` (needed
     under DeepSpeed ZeRO-3, where every forward gathers parameters collectively) keeps all
     processes decoding until the last one is done, so a process whose completions end early does
     not leave the others hanging.
