@@ -50,10 +50,10 @@ def main() -> None:
     family.forbidden_ids = family.forbidden_ids + family.eos_ids  # every completion runs to the limit: same work
     prompt_index = [i // G for i in range(B * G)]
 
-    def rollout(p):
+    def rollout(p, shared=True):
         with torch.no_grad():
             return generate(family, model.eval(), p, SamplingParams(max_new_tokens=C), group_size=G,
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(0), shared_prefix=shared)
 
     cached = with_image_features(family, model, prompts)
     out = rollout(cached)
@@ -69,7 +69,7 @@ def main() -> None:
     stages = {
         "vision tower, the step's B images (shared path: once per step)": lambda: with_image_features(family, model, prompts),
         "rollout, shared (cached features, B prefills, decoding)": lambda: rollout(cached),
-        "rollout, plain (pixels, B prefills, decoding)": lambda: rollout(prompts),
+        "rollout, plain (pixels, B * G prefills, decoding)": lambda: rollout(prompts, False),
         "reference log-probs, shared": lambda: reference(cached, True),
         "reference log-probs, plain": lambda: reference(prompts, False),
         "policy forward + backward, shared": lambda: policy(cached, True),

@@ -72,20 +72,23 @@ class Completions:
 
 @torch.no_grad()
 def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams, *, group_size: int = 1,
-             generator: torch.Generator | None = None, synced: bool = False) -> Completions:
+             generator: torch.Generator | None = None, synced: bool = False, shared_prefix: bool = True) -> Completions:
     """Sample `group_size` completions per prompt (N = B * group_size), prompt-major.
 
     Fast-path families prefill each prompt once (the vision tower not at all when `prompts` carries
     cached features), then decode its G completions in one row (`packed`: each step feeds [B, G]
     tokens at one position, `packed_mask` keeping the completions apart) or repeat its cache G
-    times (one token per row); the others prefill each copy. `synced` (needed
+    times (one token per row). The other families, and every family with `shared_prefix=False` (the
+    trainer's plain path), prefill each of the G copies, images included. Both sample the same
+    tokens from the same generator. `synced` (needed
     under DeepSpeed ZeRO-3, where every forward gathers parameters collectively) keeps all
     processes decoding until the last one is done, so a process whose completions end early does
     not leave the others hanging.
     """
     device = prompts.input_ids.device
-    packed = family.fast_path and family.can_pack(model) and group_size > 1
-    if family.fast_path:
+    shared = family.fast_path and shared_prefix
+    packed = shared and family.can_pack(model) and group_size > 1
+    if shared:
         out, positions = prefill(family, model, prompts)
         cache = family.cache_of(out)
         if not packed:

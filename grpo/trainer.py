@@ -111,7 +111,8 @@ class GRPOConfig(ConfigMixin):
     # InternVL; also under gradient_checkpointing), else attending to the prompt's KV cache (Gemma 3,
     # Qwen3.5; these fall back to the plain path under gradient_checkpointing, which turns the cache
     # off). With freeze_vision_tower=False the vision tower runs again, once per prompt, with gradient.
-    # False = plain path: each completion its own prompt.
+    # False = plain path: each completion its own prompt, in the rollout too (each copy prefilled,
+    # its image through the vision tower).
     # Runs under DeepSpeed ZeRO-2/3 too (tests/test_distributed.py); benchmarks/README.md has the speed-up.
     # A model of no known family runs the plain path whatever this says (README: Model families).
     shared_prefix: bool = True
@@ -262,7 +263,7 @@ class Trainer:
         """G sampled completions for each of this process's prompts (no log-probs yet: `logprob_passes`)."""
         prompts = self._prompts(rows, row_indices)
         out = generate(self.family, self.policy, prompts, self.config.sampling_params(), group_size=self.config.group_size,
-                       generator=generator, synced=self.opt.zero_stage == 3)
+                       generator=generator, synced=self.opt.zero_stage == 3, shared_prefix=self.config.shared_prefix)
         batch = Rollout(rows, prompts, out.ids, out.mask, out.truncated, row_indices=list(row_indices))
         batch.texts = decode_completions(self.family, out)
         return batch

@@ -136,9 +136,11 @@ def test_rollout_never_samples_vision_tokens_and_stops_at_the_familys_end_of_tur
     assert ended.any() and (~ended).any() and torch.equal(out.truncated, ~ended)
 
 
-def test_every_decoding_step_scores_the_next_token_as_the_models_own_forward(parts, rows):
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_every_decoding_step_scores_the_next_token_as_the_models_own_forward(parts, rows, shared_prefix):
     """The rollout's logits (the prefill's, then one cached token at a time, with the family's
-    continuation kwargs) equal the model's own forward over the whole unpadded sequence."""
+    continuation kwargs) equal the model's own forward over the whole unpadded sequence, on the
+    shared path (each prompt prefilled once) and on the plain one (each copy prefilled)."""
     name, model, processor = parts
     model = copy.deepcopy(model).double().eval()
     family = family_for(model, processor, quiet=True)
@@ -148,7 +150,8 @@ def test_every_decoding_step_scores_the_next_token_as_the_models_own_forward(par
     model.lm_head.register_forward_hook(lambda module, inputs, output: steps.append(output.reshape(-1, output.shape[-1]).clone()))
     G = 2
     out = generate(family, model, encode_prompts(family, chosen, [0, 1, 2], 4096), SamplingParams(max_new_tokens=6),
-                   group_size=G, generator=torch.Generator().manual_seed(0))
+                   group_size=G, generator=torch.Generator().manual_seed(0), shared_prefix=shared_prefix)
+    assert (steps[0].shape[0] < out.ids.shape[0]) == (shared_prefix and family.fast_path)
     first = steps[0].repeat_interleave(G, 0) if steps[0].shape[0] < out.ids.shape[0] else steps[0]
     logits = torch.stack([first, *steps[1:]], dim=1)  # [N, steps, V]
     for i in range(out.ids.shape[0]):

@@ -138,9 +138,11 @@ def test_rollout_with_cached_features_is_token_identical(model64, family, toy_ro
     cached = with_image_features(family, model, prompts)
     for temperature in (0.0, 1.0):
         params = SamplingParams(max_new_tokens=10, temperature=temperature)
-        runs = [generate(family, model, p, params, group_size=group_size, generator=torch.Generator().manual_seed(5))
-                for p in (prompts, cached)]
-        assert torch.equal(runs[0].ids, runs[1].ids) and torch.equal(runs[0].mask, runs[1].mask)
+        runs = [generate(family, model, p, params, group_size=group_size, generator=torch.Generator().manual_seed(5),
+                         shared_prefix=shared)
+                for p, shared in ((prompts, True), (cached, True), (prompts, False))]  # the last: the plain path's rollout
+        for run in runs[1:]:
+            assert torch.equal(runs[0].ids, run.ids) and torch.equal(runs[0].mask, run.mask)
 
     # Greedy decoding is also HF generate's (each of the G identical samples).
     ours = generate(family, model, cached, SamplingParams(max_new_tokens=10, temperature=0.0), group_size=group_size)
