@@ -130,9 +130,20 @@ def build(name: str, shape: dict, args):
     tiny_model, tiny_processor = build_tiny_model_and_processor(family=shape["family"], min_pixels=pixels,
                                                                 max_pixels=pixels, seed=args.seed)
     config = real_config(shape, tiny_model.config)
+    if args.layers:  # a shallow model of the same widths: a quick check of the log-prob paths
+        config.get_text_config().num_hidden_layers = args.layers
+        if hasattr(config.get_text_config(), "layer_types"):
+            config.get_text_config().layer_types = config.get_text_config().layer_types[: args.layers]
+        vision = config.vision_config
+        for key in ("depth", "num_hidden_layers"):
+            if hasattr(vision, key):
+                setattr(vision, key, args.layers)
+        for key in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            if hasattr(vision, key):
+                setattr(vision, key, [i for i in getattr(vision, key) if i < args.layers] or [args.layers - 1])
     torch.manual_seed(args.seed)
     with torch.device(args.device):  # random init on the GPU: no 16 GB fp32 model in host memory first
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, args.dtype))
     text = config.get_text_config()
     model.generation_config.eos_token_id = text.eos_token_id
     model.generation_config.pad_token_id = text.pad_token_id
@@ -230,8 +241,12 @@ def run_shape(name: str, shape: dict, args) -> dict:
                                     prompt_index, batch.completion_ids, batch.completion_mask, shared_prefix=True)
             plain = group_logprobs(fam, trainer.model, plain_prompts, prompt_index, batch.completion_ids,
                                    batch.completion_mask, shared_prefix=False)
+            own = own_forward_logprobs(fam, trainer.model, rows, batch, args.own_forward)
         mask = batch.completion_mask.bool()
         difference = (shared - plain).abs()[mask]
+        checked = mask[: len(own)]
+        own_shared = (shared[: len(own)] - own).abs()[checked]
+        own_plain = (plain[: len(own)] - own).abs()[checked]
         visual = int(batch.prompts.token_types.sum(1).max()) if batch.prompts.token_types.any() else None
         if visual is None:  # families without a token-type row: count the image token
             image_id = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
@@ -249,11 +264,39 @@ def run_shape(name: str, shape: dict, args) -> dict:
         "peak_gpu_memory_gib": peak / 2**30 if peak is not None else None,
         "max_abs_logprob_diff_shared_vs_plain": float(difference.max()),
         "mean_abs_logprob_diff_shared_vs_plain": float(difference.mean()),
+        # Against the model's own forward over each unpadded prompt + completion (the first few completions).
+        "own_forward_completions": len(own),
+        "max_abs_logprob_diff_shared_vs_own": float(own_shared.max()) if len(own) else None,
+        "max_abs_logprob_diff_plain_vs_own": float(own_plain.max()) if len(own) else None,
+        "mean_abs_logprob_diff_plain_vs_own": float(own_plain.mean()) if len(own) else None,
     }
     del trainer, model, batch
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def own_forward_logprobs(family, model, rows: list[dict], batch, count: int):
+    """[count, C] log-probs of the rollout's first `count` completions from one forward each over the
+    unpadded prompt (encoded alone) + completion, the model computing its own positions."""
+    import torch
+
+    from grpo.logprobs import gather_logprobs
+    from grpo.prompts import encode_prompts
+
+    device = next(model.parameters()).device
+    out = torch.zeros(count, batch.completion_ids.shape[1], device=device)
+    for i in range(count):
+        prompt = encode_prompts(family, [rows[i // GROUP_SIZE]], [i // GROUP_SIZE], 1 << 20).to(device)
+        ids = batch.completion_ids[i : i + 1].to(device)
+        length = int(batch.completion_mask[i].sum())
+        ids = ids[:, :length]
+        types = torch.cat([prompt.token_types, torch.zeros_like(ids)], 1)
+        logits = model(input_ids=torch.cat([prompt.input_ids, ids], 1), attention_mask=torch.ones_like(types),
+                       **family.forward_kwargs(types), **prompt.pixel_inputs()).logits
+        logits = logits[:, prompt.input_ids.shape[1] - 1 : -1].float()
+        out[i, :length] = gather_logprobs(logits, ids, 1.0)[0]
+    return out.to(batch.completion_ids.device)
 
 
 def main(argv=None) -> dict:
@@ -264,6 +307,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (0 where the reference does not fit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--layers", type=int, default=0, help="shrink each shape to this many layers (0: the real depth)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the model's dtype (full shapes)")
+    parser.add_argument("--own-forward", type=int, default=GROUP_SIZE,
+                        help="completions also scored by the model's own unpadded forward (the reference)")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the Trainer takes the GPU whenever it sees one
@@ -282,12 +329,16 @@ def main(argv=None) -> dict:
         print(f"{name}: {result['s_per_step']:.2f} s/step, {result['tokens_per_s']:.0f} tokens/s, "
               f"max |shared - plain| {result['max_abs_logprob_diff_shared_vs_plain']:.2e}", flush=True)
         assert math.isfinite(result["s_per_step"])
+        write(report, args.json)  # after every shape: a run cut off at its time limit keeps what it measured
     print(json.dumps(report, indent=1))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
     return report
+
+
+def write(report: dict, path: str | None):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

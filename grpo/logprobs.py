@@ -38,10 +38,11 @@ def with_image_features(family: Family, model, prompts: PromptBatch) -> PromptBa
     """`prompts` with each prompt's image features computed once by `model` (no gradient).
 
     Only valid where the features need no gradient: a frozen vision tower, or forwards without
-    gradient (rollout, old-policy and reference log-probs). Families without a fast path, and
-    prompts without images, are returned as they are.
+    gradient (rollout, old-policy and reference log-probs). Families without a fast path, models
+    whose forward cannot take features back (`Family.caches_features`), and prompts without images,
+    are returned as they are.
     """
-    if not family.fast_path or not prompts.has_images:
+    if not family.caches_features or not prompts.has_images:
         return prompts
     features = iter(family.image_features(model, prompts.pixel_inputs(), prompts))
     return PromptBatch(prompts.input_ids, prompts.attention_mask, prompts.token_types, prompts.image_inputs,

@@ -511,10 +511,9 @@ class Trainer:
         """One metrics.jsonl record for the whole step: per-completion values are gathered from every
         process first, so the numbers do not depend on how many processes ran the step."""
         G = self.config.group_size
-        per_completion = torch.cat([
-            rewards[:, None], per_func.T, batch.completion_mask.sum(1).float()[:, None], batch.truncated.float()[:, None],
-        ], dim=1)  # [B*G, 1 + F + 2]
-        gathered = all_gather_cat(per_completion.to(self.device)).cpu()
+        columns = [rewards[:, None], per_func.T, batch.completion_mask.sum(1).float()[:, None], batch.truncated.float()[:, None]]
+        per_completion = torch.cat([c.to(self.device) for c in columns], dim=1)  # [B*G, 1 + F + 2]; rewards are on the CPU
+        gathered = all_gather_cat(per_completion).cpu()
         rewards, per_func = gathered[:, 0], gathered[:, 1 : 1 + len(self.reward_funcs)].T
         lengths, truncated = gathered[:, -2], gathered[:, -1]
         record = {"step": self.step, **stats, "reward": rewards.mean().item(), "reward_std": rewards.std().item()}

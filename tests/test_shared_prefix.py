@@ -276,3 +276,28 @@ def test_long_completions_take_the_cached_prompt_path_unless_checkpointing(model
     model.train()
     group_logprobs(family, model, prompts, [0, 0, 0, 0], ids, mask)
     assert taken.pop() == "packed_logprobs"
+
+
+def test_a_forward_that_cannot_take_cached_features_gets_pixels(model64, family, toy_rows):
+    """Before transformers 5.18 the forward had no `mm_encoder_outputs`: it took cached features into
+    **kwargs, ignored them and read the image tokens as plain embeddings (shared log-probs off by
+    ~0.08 nats on the tiny model, by several on a 7B one). Such a model must get its pixels."""
+    base = type(model64)
+
+    class OldForward(base):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+            kwargs.pop("mm_encoder_outputs", None)  # what the old forward did with it, in effect
+            return base.forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                **kwargs)
+
+    old = copy.deepcopy(model64)
+    old.__class__ = OldForward
+    old_family = family_for(old, family.processor)
+    assert family.caches_features and not old_family.caches_features
+    prompts = encode_prompts(old_family, toy_rows[:2], [0, 1], max_prompt_length=4096)
+    assert with_image_features(old_family, old, prompts).image_features is None
+    ids, mask = ragged_completions(4, 6, model64.config.text_config.vocab_size, family.processor.tokenizer.eos_token_id, seed=7)
+    with torch.no_grad():
+        expected = plain_logprobs(family, model64, prompts.select([0, 0, 1, 1]), ids, mask)
+        shared = group_logprobs(old_family, old, with_image_features(old_family, old, prompts), [0, 0, 1, 1], ids, mask)
+    torch.testing.assert_close(shared * mask, expected * mask, **TIGHT)

@@ -97,6 +97,10 @@ class Family:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.forbidden_ids = self._vision_token_ids()
+        # Cached image features go back through the forward's `mm_encoder_outputs` (transformers 5.18+).
+        # An older forward takes the unknown keyword into **kwargs and ignores it: the image tokens
+        # would then be read as plain token embeddings, silently. There, forwards take the pixels.
+        self.caches_features = self.fast_path and "mm_encoder_outputs" in inspect.signature(type(model).forward).parameters
 
     # ------------------------------------------------------------------ tokens
     def _end_of_turn_id(self) -> int | None:
