@@ -220,6 +220,9 @@ def run_shape(name: str, shape: dict, args) -> dict:
             max_completion_length=shape["completion_tokens"], beta=beta, loss_type="grpo", num_iterations=1,
             temperature=1.0, learning_rate=1e-6, max_steps=STEPS, save_steps=0, log_completions=0,
             freeze_vision_tower=True, shared_prefix=True, seed=args.seed,
+            # AdamW on the bf16 weights themselves: fp32 master weights (the default, 12 more bytes per
+            # trained parameter) do not fit beside a 7-8B model on one GPU; this check times steps.
+            master_weights=False,
         )
         trainer = Trainer(model, processor, [length_reward], rows, cfg)
         trainer.save = lambda step: None  # the end-of-run checkpoint (tens of GB at 7B) is not what is measured

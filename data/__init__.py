@@ -1,6 +1,6 @@
 """Data: turn datasets into rows and rows into chat messages. Knows nothing of the trainer or rewards."""
 
-from data.images import LazyImage, fit_to_budget
+from data.images import ImageBudget, LazyImage, fit_to_budget, size_images_for
 from data.items import Rows
 from data.medvqa import BENCHMARKS, load_medxpertqa_mm, load_pathvqa, load_pmc_vqa, load_slake, load_vqa_rad
 from data.omnimedvqa import load_omnimedvqa
@@ -20,6 +20,7 @@ __all__ = [
     "YES_NO_INSTRUCTION",
     "SYSTEM_PROMPT",
     "TOY_FAMILIES",
+    "ImageBudget",
     "LazyImage",
     "Rows",
     "build_messages",
@@ -36,6 +37,7 @@ __all__ = [
     "paper_split",
     "save_split_manifest",
     "select_part",
+    "size_images_for",
     "sft_target",
     "to_prompt_rows",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, EncodedImage, LazyImage, check_image
+from data.images import EncodedImage, ImageBudget, LazyImage, check_image
 
 logger = logging.getLogger("data")
 
@@ -25,14 +25,14 @@ class Rows(list):
 
 
 class ItemChecker:
-    """Applies the bad-item policy: "error" raises at the first bad item, "skip" leaves it out and counts it."""
+    """Applies the bad-item policy: "error" raises at the first bad item, "skip" leaves it out and counts it.
+    Images it makes get `budget` (data.images.ImageBudget)."""
 
-    def __init__(self, on_bad_item: str, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 verify_images: bool = True):
+    def __init__(self, on_bad_item: str, budget: ImageBudget = ImageBudget(), verify_images: bool = True):
         if on_bad_item not in BAD_ITEM_POLICIES:
             raise ValueError(f"on_bad_item must be one of {', '.join(BAD_ITEM_POLICIES)}, got {on_bad_item!r}")
         self.on_bad_item = on_bad_item
-        self.min_pixels, self.max_pixels, self.verify_images = min_pixels, max_pixels, verify_images
+        self.budget, self.verify_images = budget, verify_images
         self.skipped: list[str] = []
 
     @staticmethod
@@ -53,7 +53,7 @@ class ItemChecker:
             problem = check_image(path)
             if problem:
                 self.fail(file, where, field, f"{problem}: {path}")
-        return LazyImage(path, self.min_pixels, self.max_pixels)
+        return LazyImage.with_budget(path, self.budget)
 
     def encoded_image(self, data, name: str, file: str, where: str, field: str) -> EncodedImage:
         """An image stored in the file itself (`data`: the image file's bytes; `name`: what to call it)."""
@@ -63,7 +63,7 @@ class ItemChecker:
             problem = check_image(data)
             if problem:
                 self.fail(file, where, field, f"{problem}: {name}")
-        return EncodedImage(data, name, self.min_pixels, self.max_pixels)
+        return EncodedImage.with_budget(data, name, self.budget)
 
     def add(self, rows: list, build) -> None:
         """Append `build()`'s row; a BadItem it raises is re-raised or counted, as the policy says."""

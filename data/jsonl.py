@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 import os
 
-from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from data.images import PATCH, ImageBudget
 from data.items import ItemChecker, Rows, resolve
 
 
-def load_jsonl(path: str, on_bad_item: str = "error", min_pixels: int = DEFAULT_MIN_PIXELS,
-               max_pixels: int = DEFAULT_MAX_PIXELS, verify_images: bool = True) -> Rows:
-    """The rows of a JSONL file, images as LazyImages (opened and sized to [min_pixels, max_pixels] when used).
+def load_jsonl(path: str, on_bad_item: str = "error", min_pixels: int | None = None, max_pixels: int | None = None,
+               verify_images: bool = True, max_visual_tokens: int | None = None,
+               image_token_pixels: int | None = PATCH) -> Rows:
+    """The rows of a JSONL file, images as LazyImages (opened and sized to the image budget when used:
+    max_visual_tokens of image_token_pixels a side, or [min_pixels, max_pixels]; data.images).
 
     A bad line (not a JSON object, no question or solution, no image, an image that is missing or
     unreadable, a repeated id) raises ValueError naming the file, the line and the field; with
@@ -30,7 +32,8 @@ def load_jsonl(path: str, on_bad_item: str = "error", min_pixels: int = DEFAULT_
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: JSONL file not found")
     root = os.path.dirname(os.path.abspath(path))
-    checker = ItemChecker(on_bad_item, min_pixels, max_pixels, verify_images)
+    budget = ImageBudget(image_token_pixels, max_visual_tokens, min_pixels, max_pixels)
+    checker = ItemChecker(on_bad_item, budget, verify_images)
     rows, ids = [], set()
     with open(path) as f:
         for number, line in enumerate(f, 1):

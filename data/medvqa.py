@@ -16,7 +16,8 @@ answer_type ("closed", "open" or "choice"), benchmark, split.
 
 Bad items: a ValueError naming the file, the item's place in it (row, line or index) and the field;
 with on_bad_item="skip" the item is left out and counted in the returned list's `skipped`, as
-`data.pathmmu.load_pathmmu` does.
+`data.pathmmu.load_pathmmu` does. Images are sized to the image budget when opened (`data.images`:
+max_visual_tokens of image_token_pixels a side, or min_pixels / max_pixels).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import os
 import re
 
-from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from data.images import PATCH, ImageBudget
 from data.items import BadItem, ItemChecker, Rows, make_ids_unique, resolve, same_text
 from data.prompts import YES_NO
 
@@ -63,20 +64,23 @@ def _short_answer(answer) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------- VQA-RAD, PathVQA (parquet)
-def load_vqa_rad(root: str, splits=("test",), on_bad_item: str = "error", min_pixels: int = DEFAULT_MIN_PIXELS,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, verify_images: bool = True) -> Rows:
+def load_vqa_rad(root: str, splits=("test",), on_bad_item: str = "error", min_pixels: int | None = None,
+                 max_pixels: int | None = None, verify_images: bool = True, max_visual_tokens: int | None = None,
+                 image_token_pixels: int | None = PATCH) -> Rows:
     """VQA-RAD (train 1,793 / test 451 items) from its parquet shards under `root`; see `load_parquet_vqa`."""
-    return load_parquet_vqa(root, "vqa_rad", splits, on_bad_item, min_pixels, max_pixels, verify_images)
+    budget = ImageBudget(image_token_pixels, max_visual_tokens, min_pixels, max_pixels)
+    return load_parquet_vqa(root, "vqa_rad", splits, on_bad_item, budget, verify_images)
 
 
-def load_pathvqa(root: str, splits=("test",), on_bad_item: str = "error", min_pixels: int = DEFAULT_MIN_PIXELS,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, verify_images: bool = True) -> Rows:
+def load_pathvqa(root: str, splits=("test",), on_bad_item: str = "error", min_pixels: int | None = None,
+                 max_pixels: int | None = None, verify_images: bool = True, max_visual_tokens: int | None = None,
+                 image_token_pixels: int | None = PATCH) -> Rows:
     """PathVQA (train 19.7k / validation 6.26k / test 6.72k items) from its parquet shards; see `load_parquet_vqa`."""
-    return load_parquet_vqa(root, "pathvqa", splits, on_bad_item, min_pixels, max_pixels, verify_images)
+    budget = ImageBudget(image_token_pixels, max_visual_tokens, min_pixels, max_pixels)
+    return load_parquet_vqa(root, "pathvqa", splits, on_bad_item, budget, verify_images)
 
 
-def load_parquet_vqa(root: str, benchmark: str, splits, on_bad_item: str = "error",
-                     min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
+def load_parquet_vqa(root: str, benchmark: str, splits, on_bad_item: str = "error", budget: ImageBudget = ImageBudget(),
                      verify_images: bool = True) -> Rows:
     """Rows of the shards `<split>-*.parquet` anywhere under `root` (sorted by name), for each split.
 
@@ -89,7 +93,7 @@ def load_parquet_vqa(root: str, benchmark: str, splits, on_bad_item: str = "erro
         import pyarrow.parquet as pq
     except ImportError as error:
         raise ImportError(f"{benchmark}: reading parquet shards needs pyarrow: pip install -e '.[medvqa]'") from error
-    checker = ItemChecker(on_bad_item, min_pixels, max_pixels, verify_images)
+    checker = ItemChecker(on_bad_item, budget, verify_images)
     rows = []
     for split in splits:
         shards = sorted(glob.glob(os.path.join(root, "**", f"{split}-*.parquet"), recursive=True))
@@ -125,8 +129,9 @@ def _parquet_row(item, shard, where, benchmark, split, count, checker: ItemCheck
 
 # ---------------------------------------------------------------------- SLAKE
 def load_slake(root: str, splits=("test",), language: str | None = "en", on_bad_item: str = "error",
-               min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-               verify_images: bool = True) -> Rows:
+               min_pixels: int | None = None, max_pixels: int | None = None,
+               verify_images: bool = True, max_visual_tokens: int | None = None,
+               image_token_pixels: int | None = PATCH) -> Rows:
     """SLAKE: `<root>/<split>.json` (splits train, validation, test) and `<root>/imgs/<img_name>`.
 
     Only items whose `q_lang` is `language` are read ("en" by convention; "zh" for the Chinese half,
@@ -134,7 +139,8 @@ def load_slake(root: str, splits=("test",), language: str | None = "en", on_bad_
     (CLOSED -> "closed", OPEN -> "open"); a closed answer of yes / no is written in lower case, other
     closed answers ("Liver", "T2") and open answers as in the file. Ids use `qid` (unique per split).
     """
-    checker = ItemChecker(on_bad_item, min_pixels, max_pixels, verify_images)
+    budget = ImageBudget(image_token_pixels, max_visual_tokens, min_pixels, max_pixels)
+    checker = ItemChecker(on_bad_item, budget, verify_images)
     rows = []
     expected = "SLAKE's <root>/{train,validation,test}.json and <root>/imgs/"
     for path, split in _release_files(root, [f"{split}.json" for split in splits], expected):
@@ -168,8 +174,9 @@ def _slake_row(item, root, path, where, split, index, checker: ItemChecker) -> d
 
 # ---------------------------------------------------------------------- PMC-VQA
 def load_pmc_vqa(root: str, files=("test_2.csv",), image_dir: str = "images", on_bad_item: str = "error",
-                 min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 verify_images: bool = True) -> Rows:
+                 min_pixels: int | None = None, max_pixels: int | None = None,
+                 verify_images: bool = True, max_visual_tokens: int | None = None,
+                 image_token_pixels: int | None = PATCH) -> Rows:
     """PMC-VQA: CSV files under `root` (`test_2.csv`, `train_2.csv`) and `<root>/<image_dir>/<Figure_path>`.
 
     Options are "A) text" from `Choice A`..`Choice D`, each choice's own "A:" label removed (choices
@@ -178,7 +185,8 @@ def load_pmc_vqa(root: str, files=("test_2.csv",), image_dir: str = "images", on
     whitespace and folded case): both name the solution option. The split is the file name's stem;
     ids count the file's data rows from 0.
     """
-    checker = ItemChecker(on_bad_item, min_pixels, max_pixels, verify_images)
+    budget = ImageBudget(image_token_pixels, max_visual_tokens, min_pixels, max_pixels)
+    checker = ItemChecker(on_bad_item, budget, verify_images)
     rows = []
     expected = f"PMC-VQA's CSV files with Figure_path, Question, Choice A..D, Answer, images under {image_dir}/"
     for path, split in _release_files(root, files, expected):
@@ -228,8 +236,9 @@ def _pmc_solution(answer: str, options: list[str]) -> str | None:
 
 # ---------------------------------------------------------------------- MedXpertQA-MM
 def load_medxpertqa_mm(root: str, files=("MM/test.jsonl",), image_dir: str = "images", on_bad_item: str = "error",
-                       min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       verify_images: bool = True) -> Rows:
+                       min_pixels: int | None = None, max_pixels: int | None = None,
+                       verify_images: bool = True, max_visual_tokens: int | None = None,
+                       image_token_pixels: int | None = PATCH) -> Rows:
     """MedXpertQA, multimodal subset: JSON-lines files under `root` (`MM/test.jsonl`, `MM/dev.jsonl`),
     images at `<root>/<image_dir>/<file name>`.
 
@@ -239,7 +248,8 @@ def load_medxpertqa_mm(root: str, files=("MM/test.jsonl",), image_dir: str = "im
     that tail is cut, so the prompt lists them once. The split is the file name's stem; ids are the
     items' `id`.
     """
-    checker = ItemChecker(on_bad_item, min_pixels, max_pixels, verify_images)
+    budget = ImageBudget(image_token_pixels, max_visual_tokens, min_pixels, max_pixels)
+    checker = ItemChecker(on_bad_item, budget, verify_images)
     rows = []
     expected = f"MedXpertQA-MM's JSON lines with id, question, options, label, images, the images under {image_dir}/"
     for path, split in _release_files(root, files, expected):

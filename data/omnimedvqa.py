@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from data.images import PATCH, ImageBudget
 from data.items import ItemChecker, Rows, make_ids_unique, resolve, same_text
 
 # The paper's out-of-domain sets: CT, dermoscopy, OCT and fundus photography.
@@ -20,8 +20,9 @@ _REQUIRED = ("question", "option_A", "option_B", "gt_answer", "image_path")
 
 
 def load_omnimedvqa(root: str, datasets=PAPER_DATASETS, on_bad_item: str = "error",
-                    min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    verify_images: bool = True) -> Rows:
+                    min_pixels: int | None = None, max_pixels: int | None = None,
+                    verify_images: bool = True, max_visual_tokens: int | None = None,
+                    image_token_pixels: int | None = PATCH) -> Rows:
     """Rows of the named datasets, in file order.
 
     Row fields: id ("<dataset>/<question_id or item index>"), image (LazyImage of root/image_path),
@@ -29,7 +30,8 @@ def load_omnimedvqa(root: str, datasets=PAPER_DATASETS, on_bad_item: str = "erro
     option whose text is gt_answer), explanation (None), source (the dataset name), modality
     (`modality_type` or `modality`), question_type. Bad items: as in `data.pathmmu.load_pathmmu`.
     """
-    checker = ItemChecker(on_bad_item, min_pixels, max_pixels, verify_images)
+    budget = ImageBudget(image_token_pixels, max_visual_tokens, min_pixels, max_pixels)
+    checker = ItemChecker(on_bad_item, budget, verify_images)
     rows = []
     for name in datasets:
         path = os.path.join(root, "QA_information", "Open-access", f"{name}.json")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from data.images import PATCH, ImageBudget
 from data.items import ItemChecker, Rows, resolve
 
 PAPER_SUBSETS = ("PubMed", "EduContent")
@@ -19,12 +19,13 @@ _REQUIRED = ("No", "img", "question", "options", "answer")
 
 
 def load_pathmmu(root: str, subsets=PAPER_SUBSETS, splits=SPLITS, on_bad_item: str = "error",
-                 min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 verify_images: bool = True) -> Rows:
+                 min_pixels: int | None = None, max_pixels: int | None = None,
+                 verify_images: bool = True, max_visual_tokens: int | None = None,
+                 image_token_pixels: int | None = PATCH) -> Rows:
     """Rows of the given subsets and splits, each item once.
 
     Row fields: id ("<subset>/<split>/<No>"), image (a LazyImage: the absolute path, opened and sized
-    to [min_pixels, max_pixels] only when used), question, options (as in the file, stripped),
+    to the image budget only when used: data.images), question, options (as in the file, stripped),
     solution (the option the answer names), explanation (str or None), source (the subset), split.
     An item that appears in several splits (same image, same question) is kept at its first
     occurrence in the order of `subsets`, then `splits`.
@@ -41,7 +42,8 @@ def load_pathmmu(root: str, subsets=PAPER_SUBSETS, splits=SPLITS, on_bad_item: s
         data = json.load(f)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected an object of subsets, got {type(data).__name__}")
-    checker = ItemChecker(on_bad_item, min_pixels, max_pixels, verify_images)
+    budget = ImageBudget(image_token_pixels, max_visual_tokens, min_pixels, max_pixels)
+    checker = ItemChecker(on_bad_item, budget, verify_images)
     rows, seen = [], set()
     for subset in subsets:
         if subset not in data:

@@ -12,7 +12,7 @@ from data.prompts import MEDICAL_SYSTEM_PROMPT, SYSTEM_PROMPT
 from data.toy import make_toy_dataset
 
 LOADERS = {
-    "jsonl": load_jsonl,  # your own data: path, on_bad_item, min_pixels, max_pixels
+    "jsonl": load_jsonl,  # your own data: path, on_bad_item, the image budget (max_visual_tokens, ...)
     "pathmmu": load_pathmmu,  # root, subsets, splits, ...
     "omnimedvqa": load_omnimedvqa,  # root, datasets, ...
     "toy": make_toy_dataset,  # the synthetic pathology set: n, seed, image_size, families

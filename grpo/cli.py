@@ -22,7 +22,9 @@ import sys
 from dataclasses import dataclass
 
 from .config import ConfigMixin, apply_overrides, check_keys, field_docs, load_yaml, save_yaml, unknown_key_error
-from .evaluate import evaluate
+from .evaluate import accuracy_name, evaluate
+from .models import family_class
+from .scoring import reward_name
 from .sft import SFTConfig, SFTTrainer
 from .trainer import GRPOConfig, Trainer
 from .training import check_output_dir, load_model, load_processor, resolve_model
@@ -55,12 +57,15 @@ class DataConfig(ConfigMixin):
 class PromptConfig(ConfigMixin):
     """`prompt:`: the think/answer format of the paper, with a system turn."""
 
-    system: str | None = "pathology"  # a named system prompt, your own text, or null for no system turn
+    system: str | None = "pathology"  # a named system prompt, your own text, or null for none (README: System prompts)
+    # The chat template's arguments for every command (sft, grpo, evaluate), e.g. {enable_thinking: true}
+    # to train the think/answer format on Qwen3.5 (README: Real checkpoints).
+    chat_template_kwargs: dict | None = None
 
 
 @dataclass
 class EvaluateConfig(ConfigMixin):
-    """`evaluate:`: greedy decoding of data.eval, scored by the rewards (the accuracy one gives `accuracy`)."""
+    """`evaluate:`: greedy decoding of data.eval, scored by the rewards (README "The command line")."""
 
     output_dir: str = "runs/eval"  # records.jsonl (one line per row) and summary.json go here
     batch_size: int = 32  # rows decoded together
@@ -68,6 +73,7 @@ class EvaluateConfig(ConfigMixin):
     max_completion_length: int = 1024  # new tokens per row
     dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
     resume: bool = False  # keep the records already in output_dir and decode only the other rows
+    accuracy: str | None = None  # reward reported as accuracy (answer, answer_reward); None: first marked is_accuracy
 
 
 @dataclass
@@ -105,8 +111,13 @@ def load_run(path: str, overrides: list[str] = ()) -> Run:
 # ---------------------------------------------------------------- data and rewards (data/ and rewards/)
 
 
-def load_rows(run: Run, part: str) -> list[dict] | None:
-    """The prompt rows of data.<part> (None when the config has none)."""
+_LOADERS_OWN = object()  # load_rows without a model: each loader's own image_token_pixels (Qwen2.5-VL's)
+
+
+def load_rows(run: Run, part: str, image_token_pixels: int | None = _LOADERS_OWN) -> list[dict] | None:
+    """The prompt rows of data.<part> (None when the config has none). `image_token_pixels`: the model's
+    pixels per visual token (None: its processor sizes images), which a loader that takes it sizes
+    images to, unless the config sets it."""
     from data import to_prompt_rows
     from data.registry import LOADERS, SYSTEM_PROMPTS
 
@@ -124,6 +135,8 @@ def load_rows(run: Run, part: str) -> list[dict] | None:
     missing = [key for key, param in params.items() if param.default is inspect.Parameter.empty and key not in spec]
     if missing:
         raise ValueError(f"{where}: loader {name!r} needs {', '.join(missing)}")
+    if "image_token_pixels" in params and image_token_pixels is not _LOADERS_OWN:
+        spec.setdefault("image_token_pixels", image_token_pixels)
     try:
         rows = loader(**spec)
     except (OSError, ValueError) as error:
@@ -194,11 +207,44 @@ def _model(run: Run) -> str:
     return resolve_model(run.model)
 
 
-def _train_rows(run: Run) -> list[dict]:
-    rows = load_rows(run, "train")
-    if rows is None:
-        raise ValueError(f"{run.path}: data.train is missing (a JSONL file, or {{loader: NAME, ...}})")
-    return rows
+def _processor(run: Run, part: str):
+    """The model's processor and its pixels per visual token (the family's; None when the processor sizes
+    images itself), what the data loaders size images to so that the processor does not resize them
+    again. Checks first that data.<part> is there: rows are loaded next."""
+    from transformers import AutoConfig
+
+    from . import lora
+
+    if getattr(run.data, part) is None:
+        raise ValueError(f"{run.path}: data.{part} is missing (a JSONL file, or {{loader: NAME, ...}})")
+    path = _model(run)
+    processor = load_processor(None, path)
+    config = AutoConfig.from_pretrained(lora.base_model_of(path) if lora.is_adapter_checkpoint(path) else path)
+    return processor, family_class(config).image_token_pixels(processor)
+
+
+def _accuracy(run: Run, funcs: list, section: str) -> str | None:
+    """`<section>.accuracy` as the reward's own name: a key of `rewards:` (answer) or that name (answer_reward)."""
+    name = getattr(run, section).accuracy
+    if name is None:
+        return None
+    by_key = {str(key): reward_name(func) for key, func in zip(run.rewards, funcs)}
+    name = by_key.get(name, name)
+    try:
+        return accuracy_name(funcs, name)
+    except ValueError as error:
+        raise ValueError(f"{run.path} [{section}.accuracy]: {error} (or their keys under rewards: "
+                         f"{', '.join(by_key)})") from None
+
+
+def _template_arguments(run: Run, config, section: str) -> None:
+    """`prompt.chat_template_kwargs` into a trainer's config; the same key set differently in both is an error."""
+    given = run.prompt.chat_template_kwargs
+    if given is not None and config.chat_template_kwargs is not None and given != config.chat_template_kwargs:
+        raise ValueError(f"{run.path}: prompt.chat_template_kwargs {given} and {section}.chat_template_kwargs "
+                         f"{config.chat_template_kwargs} differ; set them in prompt: only")
+    if given is not None:
+        config.chat_template_kwargs = given
 
 
 def _start(run: Run, config) -> str:
@@ -213,18 +259,24 @@ def _start(run: Run, config) -> str:
 def run_sft(run: Run) -> SFTTrainer:
     from data import sft_target
 
-    rows = _train_rows(run)
+    processor, pixels = _processor(run, "train")
+    rows = load_rows(run, "train", pixels)
     for row in rows:
         row["completion"] = row.get("completion") or sft_target(row)  # the row's own target, else think/answer
-    trainer = SFTTrainer(_start(run, run.sft), None, rows, run.sft)
+    _template_arguments(run, run.sft, "sft")
+    trainer = SFTTrainer(_start(run, run.sft), processor, rows, run.sft)
     trainer.train()
     return trainer
 
 
 def run_grpo(run: Run) -> Trainer:
     funcs, weights = build_rewards(run)
-    rows, eval_rows = _train_rows(run), load_rows(run, "eval")
-    trainer = Trainer(_start(run, run.grpo), None, funcs, rows, run.grpo, reward_weights=weights, eval_dataset=eval_rows)
+    run.grpo.accuracy = _accuracy(run, funcs, "grpo")
+    processor, pixels = _processor(run, "train")
+    rows, eval_rows = load_rows(run, "train", pixels), load_rows(run, "eval", pixels)
+    _template_arguments(run, run.grpo, "grpo")
+    trainer = Trainer(_start(run, run.grpo), processor, funcs, rows, run.grpo, reward_weights=weights,
+                      eval_dataset=eval_rows)
     trainer.train()
     return trainer
 
@@ -233,15 +285,16 @@ def run_evaluate(run: Run) -> dict:
     from .distributed import default_device
 
     funcs, _ = build_rewards(run)
-    rows = load_rows(run, "eval")
-    if rows is None:
-        raise ValueError(f"{run.path}: data.eval is missing: evaluate decodes those rows")
+    accuracy = _accuracy(run, funcs, "evaluate")
     cfg = run.evaluate
+    processor, pixels = _processor(run, "eval")
+    rows = load_rows(run, "eval", pixels)
     path = _model(run)
     model = load_model(path, cfg.dtype).to(default_device())
-    result = evaluate(model, load_processor(None, path), rows, funcs, batch_size=cfg.batch_size,
+    result = evaluate(model, processor, rows, funcs, batch_size=cfg.batch_size,
                       max_completion_length=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
-                      output_path=os.path.join(cfg.output_dir, "records.jsonl"), resume=cfg.resume, progress="evaluate")
+                      output_path=os.path.join(cfg.output_dir, "records.jsonl"), resume=cfg.resume, progress="evaluate",
+                      accuracy=accuracy, chat_template_kwargs=run.prompt.chat_template_kwargs)
     summary = {"model": path, "rows": len(rows), **{k: v for k, v in result.items() if k != "records"}}
     with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

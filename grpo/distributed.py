@@ -12,6 +12,8 @@ flags); the trainers read RANK / WORLD_SIZE / LOCAL_RANK from the environment. W
 Either way a trainer calls `backward(loss)` per micro-batch and `step()` once per optimizer update,
 and weights its losses so that the update equals the single-process update on the global batch.
 An update whose loss or gradient norm is not finite is dropped on both paths (`step`).
+A bf16/fp16 model is updated through fp32 master weights on both paths: `MasterWeights` on the
+plain one (`master_weights` in the configs), DeepSpeed's own bf16 mode on the other.
 """
 
 from __future__ import annotations
@@ -307,12 +309,11 @@ def nan_if_not_finite(loss: torch.Tensor) -> torch.Tensor:
     return loss if bool(torch.isfinite(loss.detach()).all()) else loss * float("nan")
 
 
-def make_optimizer(model, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
-                   schedule: str, total_updates: int):
-    """AdamW over the trainable parameters with linear warmup then a constant or cosine schedule."""
+def make_optimizer(params: list[torch.Tensor], lr: float, weight_decay: float, betas: tuple[float, float],
+                   warmup_steps: int, schedule: str, total_updates: int):
+    """AdamW over `params` with linear warmup then a constant or cosine schedule."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_scheduler must be 'constant' or 'cosine', got {schedule!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
 
     def factor(update: int) -> float:
@@ -326,19 +327,104 @@ def make_optimizer(model, lr: float, weight_decay: float, betas: tuple[float, fl
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def check_master_weights(cfg) -> None:
+    """`master_weights=False` is refused under DeepSpeed, whose bf16 mode keeps fp32 masters regardless."""
+    if not cfg.master_weights and cfg.deepspeed:
+        raise ValueError("master_weights=False applies without DeepSpeed only: DeepSpeed's bf16 mode always keeps fp32 "
+                         "master weights and AdamW states; remove master_weights or set deepspeed=None")
+
+
+class MasterWeights:
+    """The tensors AdamW updates: an fp32 master copy of each bf16/fp16 trainable parameter, the
+    parameter itself when it is fp32 already (a LoRA adapter: PEFT keeps it in fp32) or when
+    `enabled` is False.
+
+    A bf16 number has 8 significant bits: a weight of magnitude 0.01 moves in steps of ~6e-5, so an
+    AdamW update of ~lr (1e-6-1e-5) made on the bf16 weight itself rounds to nothing, step after
+    step. The masters accumulate those updates in fp32 (and AdamW's moments are fp32 with them);
+    the model gets their bf16 rounding after every update. Each backward's gradients are added into
+    the masters' fp32 `.grad` at once (`collect_grads`), so accumulation over micro-batches is fp32 too.
+    """
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], enabled: bool = True):
+        self.names = [name for name, _ in named_params]
+        self.params = [param for _, param in named_params]
+        self.masters = [param.detach().float() if enabled and param.dtype in LOW_PRECISION else param
+                        for param in self.params]
+        self._copied = [(param, master) for param, master in zip(self.params, self.masters) if master is not param]
+
+    def collect_grads(self) -> None:
+        """Add the model's gradients of the last backward into the masters' fp32 `.grad` (and free them)."""
+        for param, master in self._copied:
+            if param.grad is None:
+                continue
+            if master.grad is None:
+                master.grad = param.grad.float()
+            else:
+                master.grad.add_(param.grad)
+            param.grad = None
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        """The model's parameters := their masters, rounded to the model's dtype."""
+        for param, master in self._copied:
+            param.copy_(master)
+
+    @torch.no_grad()
+    def copy_from_model(self) -> None:
+        """The masters := the model's parameters (a checkpoint written without master weights)."""
+        for param, master in self._copied:
+            master.copy_(param)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The separate master copies by parameter name (empty when there is none)."""
+        return {name: master for name, param, master in zip(self.names, self.params, self.masters) if master is not param}
+
+    @torch.no_grad()
+    def load_state_dict(self, saved: dict[str, torch.Tensor], source: str) -> None:
+        """Restore the master copies saved by `state_dict` (in `source`, named in messages), and the
+        model's parameters from them. The model's weights must be loaded first: a checkpoint
+        written without master copies (or a run without them) starts them from those."""
+        mine = self.state_dict()
+        if not saved or not mine:
+            self.copy_from_model()
+            if (saved or mine) and is_main_process():
+                print(f"[grpo] {source} was written {'with' if saved else 'without'} fp32 master weights and is "
+                      f"resumed {'with' if mine else 'without'}: "
+                      f"{'they start from its bf16/fp16 weights' if mine else 'its bf16/fp16 weights are used'}; "
+                      f"the run does not continue exactly as it would have", file=sys.stderr)
+            return
+        if saved.keys() != mine.keys():
+            missing, unknown = sorted(mine.keys() - saved.keys()), sorted(saved.keys() - mine.keys())
+            raise ValueError(f"{source}: the saved master weights do not fit the model's trainable bf16/fp16 parameters "
+                             f"(missing: {missing[:4]}, not trainable here: {unknown[:4]}); resume with the "
+                             f"freeze_vision_tower and lora settings the checkpoint was written with")
+        for name, master in mine.items():
+            master.copy_(saved[name])
+        self.copy_to_model()
+
+
 class Optimization:
     """The model being trained, its optimizer and LR schedule, plain or under a DeepSpeed engine.
 
     `module` is what forwards are called on (the engine under DeepSpeed); `model` is always the
     underlying Hugging Face model. `micro_batches_per_update` is how many `backward` calls make one
-    update; DeepSpeed needs it for its config.
+    update; DeepSpeed needs it for its config. `master_weights` holds what the optimizer updates
+    (fp32 masters of the bf16/fp16 trainable weights on the plain path, `cfg.master_weights`).
     """
 
     def __init__(self, model, cfg, total_updates: int, micro_batches_per_update: int, micro_batch_size: int):
         self.model = model
         self.max_grad_norm = cfg.max_grad_norm
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        # DeepSpeed's bf16 mode keeps its own fp32 masters: it is handed the parameters themselves.
+        self.master_weights = MasterWeights(trainable, enabled=cfg.master_weights and not cfg.deepspeed)
         self.optimizer, self.scheduler = make_optimizer(
-            model, cfg.learning_rate, cfg.weight_decay, cfg.adam_betas, cfg.warmup_steps, cfg.lr_scheduler, total_updates)
+            self.master_weights.masters, cfg.learning_rate, cfg.weight_decay, cfg.adam_betas, cfg.warmup_steps,
+            cfg.lr_scheduler, total_updates)
         self.engine = None
         self.ds_config = None
         self._pending = 0
@@ -369,6 +455,7 @@ class Optimization:
         loss = nan_if_not_finite(loss)
         if self.engine is None:
             loss.backward()
+            self.master_weights.collect_grads()
             return
         self.engine.set_gradient_accumulation_boundary(self._pending == self.micro_batches_per_update)
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -377,20 +464,20 @@ class Optimization:
         """One optimizer update from the accumulated gradients; returns the global pre-clip grad norm.
 
         A non-finite gradient norm (a non-finite loss makes it NaN: `backward`) drops the update:
-        the gradients are cleared and neither AdamW (weights, moments, step count) nor the LR
-        schedule moves; `skipped_updates` counts it. Under DeepSpeed the engine decides (ZeRO-1/2/3
-        reduce the norm, so every process drops it together, and the schedule does not step);
-        an engine that applies such an update anyway (ZeRO stage 0) is an error.
+        the gradients are cleared and neither AdamW (weights and their fp32 masters, moments, step
+        count) nor the LR schedule moves; `skipped_updates` counts it. Under DeepSpeed the engine
+        decides (ZeRO-1/2/3 reduce the norm, so every process drops it together, and the schedule
+        does not step); an engine that applies such an update anyway (ZeRO stage 0) is an error.
         """
         if self._pending != self.micro_batches_per_update:
             raise RuntimeError(f"{self._pending} backward calls for an update of {self.micro_batches_per_update} micro-batches")
         self._pending = 0
         if self.engine is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.master_weights.masters, self.max_grad_norm))
             if math.isfinite(grad_norm):
                 self.optimizer.step()
                 self.scheduler.step()
+                self.master_weights.copy_to_model()
             else:
                 self.skipped_updates += 1
             self.optimizer.zero_grad(set_to_none=True)

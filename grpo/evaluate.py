@@ -12,28 +12,45 @@ from .models import family_for, unwrap
 from .prompts import column, encode_prompts
 from .sampling import GREEDY, decode_completions, generate
 from .scoring import call_reward_functions, reward_columns, reward_name
+from .templates import check_reasoning_fits
 from .training import Progress
+
+
+def accuracy_name(reward_funcs, accuracy: str | None = None) -> str | None:
+    """The name of the reward whose mean is reported as `accuracy`: `accuracy` (a reward's name, as
+    `scoring.reward_name` gives it: "answer_reward"), else the first reward marked `is_accuracy = True`
+    (rewards.accuracy_reward, rewards.answer_reward: rewards/__init__.py), else None: no accuracy is
+    reported, rather than the mean of a reward that does not measure correctness (the format reward)."""
+    names = [reward_name(f) for f in reward_funcs]
+    if accuracy is not None:
+        if accuracy not in names:
+            raise ValueError(f"accuracy={accuracy!r} is not one of the reward functions; valid: {', '.join(names)}")
+        return accuracy
+    return next((name for name, f in zip(names, reward_funcs) if getattr(f, "is_accuracy", False) is True), None)
 
 
 @torch.no_grad()
 def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, max_completion_length: int = 1024,
              max_prompt_length: int = 4096, output_path: str | None = None, resume: bool = False,
-             progress: str | None = None, synced: bool = False) -> dict:
+             progress: str | None = None, synced: bool = False, accuracy: str | None = None,
+             chat_template_kwargs: dict | None = None) -> dict:
     """Greedy-decode every row and score it.
 
-    Returns {"accuracy": mean of the accuracy function, "<name>": mean of each function,
-    "mean_completion_tokens": ..., "records": per-item dicts in dataset order}. The accuracy function
-    is the first one whose name contains "accuracy" (e.g. rewards.accuracy_reward), else the first.
-    `output_path` (optional) receives the records as JSON lines, appended batch by batch so an
-    interrupted run keeps what it finished. With `resume=True` the records already in `output_path`
-    are kept and their rows (matched by `id`, else by index) are not decoded again. `progress`: a
-    label to show a progress line on stderr with. `synced`: keep processes decoding in lockstep
-    (DeepSpeed ZeRO-3, where every process evaluates the same rows).
+    Returns {"accuracy": mean of the accuracy reward, "<name>": mean of each function,
+    "mean_completion_tokens": ..., "records": per-item dicts in dataset order}. The accuracy reward is
+    the one named `accuracy`, else the first marked `is_accuracy` (`accuracy_name`); with none, the
+    result has no "accuracy" key. `output_path` (optional) receives the records as JSON lines,
+    appended batch by batch so an interrupted run keeps what it finished. With `resume=True` the
+    records already in `output_path` are kept and their rows (matched by `id`, else by index) are not
+    decoded again. `progress`: a label to show a progress line on stderr with. `synced`: keep
+    processes decoding in lockstep (DeepSpeed ZeRO-3, where every process evaluates the same rows).
+    `chat_template_kwargs`: template arguments for the prompts (as in training: README "Real checkpoints").
     """
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     names = [reward_name(f) for f in funcs]
-    accuracy_name = next((name for name in names if "accuracy" in name), names[0])
-    family = family_for(model, processor, quiet=True)
+    accuracy_key = accuracy_name(funcs, accuracy)
+    family = family_for(model, processor, quiet=True, chat_template_kwargs=chat_template_kwargs)
+    check_reasoning_fits(family.template, funcs)
     params = replace(GREEDY, max_new_tokens=max_completion_length)
     device = next(unwrap(model).parameters()).device
     ids = [i if item_id is None else item_id for i, item_id in enumerate(column(dataset, "id"))]  # no image opened
@@ -69,12 +86,16 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
             with open(output_path, "a") as f:
                 f.writelines(json.dumps(record) + "\n" for record in batch_records)
         if bar:
-            bar.update(start + len(index), accuracy=_mean([done[ids[i]][accuracy_name] for i in todo[: start + len(index)]]) or 0.0)
+            finished = [done[ids[i]] for i in todo[: start + len(index)]]
+            shown = {"accuracy": _mean([r[accuracy_key] for r in finished]) or 0.0} if accuracy_key else {}
+            bar.update(start + len(index), **shown)
     model.train(was_training)
     records = [done[i] for i in ids]
     result = {name: _mean([r[name] for r in records]) for name in names}
-    return {"accuracy": result[accuracy_name], **result,
-            "mean_completion_tokens": sum(r["tokens"] for r in records) / max(1, len(records)), "records": records}
+    if accuracy_key:
+        result = {"accuracy": result[accuracy_key], **result}
+    mean_tokens = sum(r["tokens"] for r in records) / max(1, len(records))
+    return {**result, "mean_completion_tokens": mean_tokens, "records": records}
 
 
 def _mean(values) -> float | None:

@@ -279,18 +279,19 @@ def group_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: li
 
 
 def completion_logprobs(model, processor, rows: list[dict], completion_ids: list[list[list[int]]], *,
-                        temperature: float = 1.0, shared_prefix: bool = True,
-                        max_prompt_length: int = 1 << 20) -> list[list[torch.Tensor]]:
+                        temperature: float = 1.0, shared_prefix: bool = True, max_prompt_length: int = 1 << 20,
+                        chat_template_kwargs: dict | None = None) -> list[list[torch.Tensor]]:
     """Per-token log-probs of completions continuing dataset rows, as the trainer computes them.
 
     `rows`: dataset rows (`prompt` chat messages, `image` / `images`); `completion_ids[i]`: a list of
     completions (lists of token ids, any lengths, at least one token each) continuing `rows[i]`.
     Returns, per row and completion, a 1-D float32 tensor with the log-prob of each of its tokens
     under `model` (logits divided by `temperature`). Runs with gradient when grad mode is on.
+    `chat_template_kwargs`: the template arguments the prompts were rendered with in training.
     """
     if len(completion_ids) != len(rows):
         raise ValueError(f"{len(completion_ids)} lists of completions for {len(rows)} rows")
-    family = family_for(model, processor, quiet=True)
+    family = family_for(model, processor, quiet=True, chat_template_kwargs=chat_template_kwargs)
     device = next(unwrap(model).parameters()).device
     prompts = encode_prompts(family, rows, list(range(len(rows))), max_prompt_length).to(device)
     if shared_prefix:

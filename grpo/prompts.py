@@ -132,7 +132,7 @@ def encode_prompts(family, rows: list[dict], row_indices: list[int], max_prompt_
     for row, index in zip(rows, row_indices):
         if not row.get("prompt"):
             raise ValueError(f"row {index}: missing field 'prompt' (chat messages)")
-        text = family.processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        text = family.template.render(row["prompt"])
         images = row_images(row, index)
         expected = image_parts(row["prompt"])
         if expected != len(images):

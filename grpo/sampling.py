@@ -213,9 +213,12 @@ def reserve_cache(cache, room: int) -> None:
 
 
 def decode_completions(family: Family, completions: Completions) -> list[str]:
-    """Decode without skipping special tokens (the <think>/<answer> tags may be special), minus EOS/pad."""
+    """Decode without skipping special tokens (the <think>/<answer> tags may be special), minus EOS/pad.
+    Each text starts with what the generation prompt opened for it (`ChatTemplate.opened`, e.g. the
+    "<think>\n" of a thinking template), so rewards read the whole reasoning block the model wrote."""
     strip = set(family.eos_ids) | {family.pad_id}
     return [
-        family.tokenizer.decode([t for t, m in zip(row, row_mask) if m and t not in strip], skip_special_tokens=False)
+        family.template.opened
+        + family.tokenizer.decode([t for t, m in zip(row, row_mask) if m and t not in strip], skip_special_tokens=False)
         for row, row_mask in zip(completions.ids.tolist(), completions.mask.tolist())
     ]

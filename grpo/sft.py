@@ -13,9 +13,12 @@ import torch
 
 from . import lora
 from .config import ConfigMixin
-from .distributed import Optimization, all_reduce_sum, check_images_on_every_rank, is_main_process, world
+from .distributed import (
+    Optimization, all_reduce_sum, check_images_on_every_rank, check_master_weights, is_main_process, world,
+)
 from .logprobs import plain_logprobs
 from .prompts import column, encode_prompts
+from .templates import check_targets_fit
 from .tracking import MetricsLog, require_trackers
 from .resilience import STOP_SIGNALS, RunGuard, check_guard_settings
 from .training import (
@@ -33,6 +36,9 @@ class SFTConfig(ConfigMixin):
     micro_batch_size: int = 8  # rows per forward/backward on one process; must divide batch_size / processes
     max_prompt_length: int = 1024
     max_completion_length: int = 1024  # longer targets are cut (their fraction is logged as truncated_frac)
+    # Arguments for every rendering of the chat template (rollout, log-probs, SFT targets, evaluation),
+    # e.g. {"enable_thinking": True} on Qwen3.5 to train the think/answer format (README: Real checkpoints).
+    chat_template_kwargs: dict | None = None
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -44,6 +50,7 @@ class SFTConfig(ConfigMixin):
     freeze_vision_tower: bool = True
     dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    master_weights: bool = True  # step bf16/fp16 weights via fp32 copies (README: Memory guide); False: 12 B/param less, small updates lost
     lora: dict | None = None  # LoRA through PEFT, as GRPOConfig.lora: None = full fine-tuning (README: LoRA)
     deepspeed: str | dict | None = None  # None | "zero2" | "zero3" | path to a DeepSpeed JSON | a dict
     offload_optimizer: bool = False  # DeepSpeed: optimizer states in CPU memory
@@ -62,22 +69,31 @@ class SFTConfig(ConfigMixin):
         if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size}")
         lora.check_settings(self.lora, "SFTConfig")
+        check_master_weights(self)
 
 
-def encode_targets(family, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Right-padded target ids [N, T], their mask, and how many targets were cut to fit `max_length`;
-    the family's end-of-turn token closes each target (the model learns to stop)."""
-    tokenizer = family.tokenizer
+def encode_targets(family, rows: list[dict], row_indices: list[int], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Right-padded target ids [N, T], their mask, and how many targets were cut to fit `max_length`.
+
+    A row's target is its `completion` as the chat template renders the assistant turn after the
+    generation prompt (`ChatTemplate.continuation`: Gemma trims it, Qwen3.5 rewrites a think block
+    the prompt opened), up to and including the end-of-turn token, which the model learns to emit.
+    """
     end_id = family.end_of_turn_id if family.end_of_turn_id is not None else family.eos_ids[0]
-    full = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    full = []
+    for row, index in zip(rows, row_indices):
+        text = family.template.continuation(row["prompt"], row["completion"], index)
+        ids = family.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ends = [k for k, token in enumerate(ids) if token == end_id]
+        full.append(ids[: ends[-1]] if ends else ids)  # what follows the turn's end ("\n") is not the model's
     cut = sum(len(ids) > max_length - 1 for ids in full)
-    rows = [ids[: max_length - 1] + [end_id] for ids in full]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), family.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
+    targets = [ids[: max_length - 1] + [end_id] for ids in full]
+    width = max(len(t) for t in targets)
+    ids = torch.full((len(targets), width), family.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(targets), width), dtype=torch.long)
+    for i, target in enumerate(targets):
+        ids[i, : len(target)] = torch.tensor(target)
+        mask[i, : len(target)] = 1
     return ids, mask, cut
 
 
@@ -102,6 +118,7 @@ class SFTTrainer:
             for index, value in enumerate(column(train_dataset, key)):
                 if not value:
                     raise ValueError(f"train_dataset row {index}: missing field {key!r}")
+        check_targets_fit(self.family.template, column(train_dataset, "completion"))
         self.opt = Optimization(self.model, cfg, total_updates=cfg.max_steps,
                                 micro_batches_per_update=cfg.batch_size // size // cfg.micro_batch_size,
                                 micro_batch_size=cfg.micro_batch_size)
@@ -118,7 +135,7 @@ class SFTTrainer:
         prompts = encode_prompts(self.family, rows, row_indices, cfg.max_prompt_length).to(self.device)
         if self.opt.zero_stage == 3:  # a process without images would skip the tower's collective forward
             check_images_on_every_rank(prompts.images_per_prompt, row_indices, self.device)
-        ids, mask, cut = encode_targets(self.family, [row["completion"] for row in rows], cfg.max_completion_length)
+        ids, mask, cut = encode_targets(self.family, rows, row_indices, cfg.max_completion_length)
         return prompts, ids.to(self.device), mask.to(self.device), cut
 
     def loss(self, prompts, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

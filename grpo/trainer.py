@@ -26,19 +26,20 @@ import torch
 from . import lora
 from .config import ConfigMixin
 from .distributed import (
-    Optimization, all_gather_cat, all_reduce_sum, check_images_on_every_rank, is_main_process, shard,
-    world,
+    Optimization, all_gather_cat, all_reduce_sum, check_images_on_every_rank, check_master_weights, is_main_process,
+    shard, world,
 )
 from .dynamic_sampling import gather_groups, local_groups, pad_groups, refill_row_indices, select_groups
 from .objective import (
     ADVANTAGE_ESTIMATORS, SCALE_MODES, check_objective, group_advantages, grpo_loss, high_entropy_mask,
     micro_batch_weights, zero_spread_groups,
 )
-from .evaluate import evaluate
+from .evaluate import accuracy_name, evaluate
 from .logprobs import group_logprobs, with_image_features
 from .prompts import PromptBatch, column, encode_prompts
 from .resilience import STOP_SIGNALS, RunGuard, check_guard_settings
 from .sampling import SamplingParams, decode_completions, generate
+from .templates import check_reasoning_fits
 from .scoring import call_reward_functions, combine_rewards, reward_columns, reward_name, reward_stats
 from .tracking import MetricsLog, require_trackers
 from .training import (
@@ -63,6 +64,9 @@ class GRPOConfig(ConfigMixin):
     completions_per_micro_batch: int = 8  # completions per forward/backward (gradient accumulation unit)
     max_prompt_length: int = 1024  # longer prompts are an error naming the row (never cut through an image)
     max_completion_length: int = 1024  # new tokens per completion
+    # Arguments for every rendering of the chat template (rollout, log-probs, SFT targets, evaluation),
+    # e.g. {"enable_thinking": True} on Qwen3.5 to train the think/answer format (README: Real checkpoints).
+    chat_template_kwargs: dict | None = None
     temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -97,6 +101,7 @@ class GRPOConfig(ConfigMixin):
     freeze_vision_tower: bool = True  # the paper trains the language model only
     dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    master_weights: bool = True  # step bf16/fp16 weights via fp32 copies (README: Memory guide); False: 12 B/param less, small updates lost
     # LoRA through PEFT (grpo/lora.py, README: LoRA): None = full fine-tuning; a dict of r, alpha, dropout,
     # target_modules, lora_vision (or a peft.LoraConfig) trains a fresh adapter, the reference being the
     # policy with its adapters off. A model that already carries an adapter continues it with lora=None.
@@ -120,6 +125,7 @@ class GRPOConfig(ConfigMixin):
     log_completions: int = 4  # completions per step written to completions.jsonl (0 = none)
     eval_steps: int = 0  # evaluate on eval_dataset every N steps (0 = off)
     eval_batch_size: int = 32
+    accuracy: str | None = None  # eval reward reported as eval/accuracy, by name; None: the first marked is_accuracy
     save_steps: int = 500  # 0 = only at the end
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
@@ -157,6 +163,7 @@ class GRPOConfig(ConfigMixin):
                              f"(greedy ones would be identical) and divides logits by it")
         self.sampling_params()  # checks top_p, top_k and max_completion_length
         lora.check_settings(self.lora, "GRPOConfig")
+        check_master_weights(self)
 
     def objective_settings(self) -> dict:
         """The per-token objective's settings, as `grpo_loss` and `check_objective` take them."""
@@ -172,7 +179,8 @@ class GRPOConfig(ConfigMixin):
                               top_p=self.top_p, top_k=self.top_k)
 
 
-# The progress line: label -> metrics key (the eval accuracy shows its last value between evaluations).
+# The progress line: label -> metrics key (the eval accuracy shows its last value between evaluations;
+# none when no eval reward measures correctness: grpo.evaluate.accuracy_name).
 PROGRESS_SHOWN = {"reward": "reward", "kl": "kl", "eval acc": "eval/accuracy"}
 
 
@@ -220,6 +228,7 @@ class Trainer:
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not self.reward_funcs:
             raise ValueError("at least one reward function is needed")
+        check_reasoning_fits(self.family.template, [*self.reward_funcs, *(eval_reward_funcs or [])])
         self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(self.reward_funcs)
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
@@ -231,6 +240,7 @@ class Trainer:
                 raise ValueError(f"train_dataset row {index}: missing field 'prompt' (chat messages)")
         self.eval_dataset = eval_dataset
         self.eval_reward_funcs = eval_reward_funcs or self.reward_funcs
+        accuracy_name(self.eval_reward_funcs, cfg.accuracy)  # a misspelt name fails now, not at the first evaluation
         # The reference is copied before DeepSpeed partitions the policy, sharing its frozen vision
         # tower. Under LoRA there is none to copy (ref_model stays None): the policy with its adapters
         # switched off is the reference.
@@ -497,7 +507,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         result = evaluate(self.policy, self.processor, self.eval_dataset, self.eval_reward_funcs,
                           batch_size=self.config.eval_batch_size, max_completion_length=self.config.max_completion_length,
-                          synced=self.opt.zero_stage == 3)
+                          synced=self.opt.zero_stage == 3, accuracy=self.config.accuracy,
+                          chat_template_kwargs=self.config.chat_template_kwargs)
         result = {k: v for k, v in result.items() if k != "records"}
         result.update(reward_stats(self.eval_reward_funcs))  # the evaluation's own judge traffic, say
         return {f"eval/{k}": v for k, v in result.items()}

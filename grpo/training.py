@@ -114,7 +114,7 @@ def prepare_model(model, processor, cfg, device):
     name = model if isinstance(model, (str, os.PathLike)) else None
     model = load_model(model, cfg.dtype)
     processor = load_processor(processor, name)
-    family = family_for(model, processor)
+    family = family_for(model, processor, chat_template_kwargs=cfg.chat_template_kwargs)
     if not cfg.deepspeed:
         model.to(device)
     if cfg.freeze_vision_tower:
@@ -275,9 +275,10 @@ def save_checkpoint(output_dir: str, step: int, opt, processor, extra: dict, tot
 
     Holds the model and processor (`save_pretrained`, safetensors, loadable by plain transformers;
     under ZeRO-3 the shards are gathered first; under LoRA the adapter alone, in PEFT's layout),
-    `trainer_state.pt` (step, `extra`, and for a plain run the optimizer and scheduler), one `rng_state_<rank>.pt` per process, and under DeepSpeed
-    the engine's own state in `deepspeed/`. A crash mid-save leaves only a `.tmp` directory that
-    resume ignores. Every process must call this (the gathers are collective).
+    `trainer_state.pt` (step, `extra`, and for a plain run the optimizer, scheduler and fp32 master
+    weights), one `rng_state_<rank>.pt` per process, and under DeepSpeed the engine's own state in
+    `deepspeed/`. A crash mid-save leaves only a `.tmp` directory that resume ignores. Every process
+    must call this (the gathers are collective).
 
     A write that fails (disk full, permissions, I/O error) raises CheckpointError on every process,
     naming the path and the OS error, after removing the temporary directory: every earlier
@@ -314,7 +315,9 @@ def save_checkpoint(output_dir: str, step: int, opt, processor, extra: dict, tot
             failure.attempt(processor.save_pretrained, tmp)
         state = {"step": step, **extra}
         if opt.engine is None:
-            state.update(optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict())
+            # With the fp32 master weights (empty without them): the bf16 weights alone have lost their low bits.
+            state.update(optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
+                         master_weights=opt.master_weights.state_dict())
         failure.attempt(torch.save, state, os.path.join(tmp, "trainer_state.pt"))
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     failure.attempt(torch.save, rng, os.path.join(tmp, f"rng_state_{rank}.pt"))
@@ -436,7 +439,7 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:
 
 
 def load_checkpoint(path: str, opt) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG states; returns trainer_state.
+    """Restore weights, optimizer, scheduler, fp32 master weights and this process's RNG states; returns trainer_state.
 
     A DeepSpeed checkpoint resumes on the same number of processes it was written by.
     """
@@ -464,6 +467,7 @@ def load_checkpoint(path: str, opt) -> dict:
             raise ValueError(f"checkpoint {path} was written by DeepSpeed; resume it with the same deepspeed setting")
         opt.optimizer.load_state_dict(state["optimizer"])
         opt.scheduler.load_state_dict(state["scheduler"])
+        opt.master_weights.load_state_dict(state.get("master_weights", {}), path)
     rng = torch.load(rng_path, weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

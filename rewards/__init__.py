@@ -4,6 +4,12 @@
 the reward does not apply to that completion. Nothing here depends on the trainer. `JudgeReward` is
 async (the trainer awaits it alongside the others) and has a `stats()` the trainer logs.
 `overlong_penalty` reads the `completion_ids` column the trainer adds (each completion's token ids).
+
+A reward whose mean is answer correctness carries `is_accuracy = True` (an attribute of the callable
+or its class): `AccuracyReward` (`accuracy_reward`) and `AnswerReward` (`answer_reward`; not with
+`open_partial_credit`, whose open answers earn their token F1). Evaluation (`grpo.evaluate`, GRPO's
+`eval/accuracy`) reports the first such reward's mean as `accuracy`, never the format reward's; mark
+your own with `my_reward.is_accuracy = True`.
 """
 
 from rewards.accuracy import AccuracyReward, accuracy_reward, parse_option

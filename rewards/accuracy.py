@@ -62,6 +62,8 @@ class AccuracyReward:
     Rows whose solution is None get None (the reward does not apply to them).
     """
 
+    is_accuracy = True  # its mean is answer correctness: evaluation reports it as `accuracy`
+
     def __init__(self, mode: str = "option"):
         if mode not in MODES:
             raise ValueError(f"unknown accuracy mode {mode!r}; valid: {', '.join(MODES)}")

@@ -74,6 +74,8 @@ class AnswerReward:
 
     def __init__(self, open_partial_credit: bool = False, choice_mode: str = "option"):
         self.open_partial_credit = open_partial_credit
+        # Its mean is answer correctness (evaluation reports it as `accuracy`), unless open answers earn their F1.
+        self.is_accuracy = not open_partial_credit
         self._choice = AccuracyReward(choice_mode)
         self.__name__ = "answer_reward_partial" if open_partial_credit else "answer_reward"
 

@@ -14,6 +14,9 @@ def format_reward(prompts, completions: list[str], **columns) -> list[float]:
     return [1.0 if _FORMAT.fullmatch(completion.strip()) else 0.0 for completion in completions]
 
 
+format_reward.expects_reasoning = True  # a trainer refuses it where the chat template closes the think block itself
+
+
 def extract_answer(text: str) -> str | None:
     """Stripped content of the last `<answer>` block, or None when there is none."""
     blocks = _ANSWER.findall(text)

@@ -240,6 +240,8 @@ class JudgeReward:
         resumed run or a repeated evaluation does not pay twice. Fallbacks are never cached.
     """
 
+    expects_reasoning = True  # it grades the <think> block: a trainer refuses it where the template closes that block
+
     def __init__(self, base_url: str, model: str, api_key: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 60.0, max_retries: int = 3, max_concurrency: int = 8, *,
                  auth: str = "bearer", extra_headers: dict | None = None, extra_body: dict | None = None,

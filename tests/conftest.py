@@ -42,3 +42,23 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(tmp_path_factory):
+    """folder name -> the directory of a small random-weight model of that real checkpoint, beside its
+    real processor files (tests/real_checkpoints.py), built once per session. Skips the test when the
+    real processor files are not there (a clone from GitHub has none)."""
+    from real_checkpoints import build_real_checkpoint, missing_reason
+
+    built = {}
+
+    def directory(folder: str):
+        reason = missing_reason(folder)
+        if reason:
+            pytest.skip(reason)
+        if folder not in built:
+            built[folder] = build_real_checkpoint(folder, tmp_path_factory.mktemp(folder))
+        return built[folder]
+
+    return directory

@@ -51,7 +51,7 @@ def tracked_run(tiny_parts, toy_rows, tmp_path_factory):
         history = grpo_run(tiny_parts, toy_rows, root / "run", report_to=["tensorboard", "wandb", "mlflow"])
     metrics = read_jsonl(root / "run" / "metrics.jsonl")
     assert metrics == json.loads(json.dumps(history)) and [r["step"] for r in metrics] == [1, 2, 3]
-    assert "eval/accuracy" in metrics[-1]
+    assert "eval/format_reward" in metrics[-1] and "eval/accuracy" not in metrics[-1]  # format measures no correctness
     return root, metrics
 
 

@@ -465,7 +465,9 @@ def test_sft_targets_cut_to_the_length_limit_are_counted(tiny_parts):
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     family = family_for(*tiny_parts)
     assert family.end_of_turn_id == end  # read from the chat template
-    ids, mask, cut = encode_targets(family, ["<think>a long piece of reasoning</think>", "ok"], 5)
+    rows = [{"prompt": [{"role": "user", "content": "Why?"}], "completion": text}
+            for text in ("<think>a long piece of reasoning</think>", "ok")]
+    ids, mask, cut = encode_targets(family, rows, [0, 1], 5)
     assert cut == 1 and ids.shape == (2, 5) and int(ids[0, 4]) == end  # the cut target still ends its turn
     assert mask[1].sum() == len(tokenizer("ok", add_special_tokens=False)["input_ids"]) + 1
 
@@ -533,8 +535,8 @@ def test_evaluate_scores_greedy_completions_and_writes_them(tiny_parts, toy_rows
     records = result["records"]
     completions = [r["completion"] for r in records]
     assert len(records) == 6 and model.training  # the caller's mode is restored
-    assert result["accuracy"] == pytest.approx(statistics.mean(vowel_fraction(None, completions)))
-    assert result["vowel_fraction"] == result["accuracy"]
+    assert result["vowel_fraction"] == pytest.approx(statistics.mean(vowel_fraction(None, completions)))
+    assert "accuracy" not in result  # neither reward measures correctness (tests/test_evaluate_accuracy.py)
     assert result["format_reward"] == pytest.approx(statistics.mean(format_reward(None, completions)))
     assert all(1 <= r["tokens"] <= 12 for r in records)
     assert result["mean_completion_tokens"] == pytest.approx(statistics.mean(r["tokens"] for r in records))
@@ -543,7 +545,7 @@ def test_evaluate_scores_greedy_completions_and_writes_them(tiny_parts, toy_rows
     # Greedy: the same completions again, with a different batching (so different left padding) too.
     again = evaluate(model, processor, rows, [vowel_fraction, format_reward], batch_size=6, max_completion_length=12)
     assert [r["completion"] for r in again["records"]] == completions
-    assert again["accuracy"] == result["accuracy"]
+    assert again["vowel_fraction"] == result["vowel_fraction"]
 
 
 def test_evaluate_accuracy_is_the_accuracy_function_whatever_the_order(tiny_parts, toy_rows):
@@ -552,6 +554,7 @@ def test_evaluate_accuracy_is_the_accuracy_function_whatever_the_order(tiny_part
     def letter_accuracy(prompts, completions, **columns):
         return [0.25] * len(completions)
 
+    letter_accuracy.is_accuracy = True
     result = evaluate(model, processor, toy_rows[:2], [format_reward, letter_accuracy], max_completion_length=4)
     assert result["accuracy"] == 0.25 and result["format_reward"] == 0.0
 

@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vqa_benchmarks import ROOT, load_benchmark  # noqa: E402
+from vqa_benchmarks import ROOT, SHARED_KEYS, load_benchmark  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "examples", "pathvlm_r1"))
 from common import evaluate_model, load_policy, summarise_records, write_results  # noqa: E402
@@ -43,8 +43,10 @@ SECTIONS = {
     "dtype": "bfloat16",
     "limit": None,  # the first N rows of each benchmark (quick runs)
     "on_bad_item": "error",  # for every benchmark that does not set its own
-    "min_pixels": None,
-    "max_pixels": 401408,  # 512 visual tokens of 28 x 28 pixels
+    # The image budget (data/images.py), sized to each model's visual tokens when it is loaded:
+    "max_visual_tokens": None,  # None: 512, unless max_pixels is given
+    "min_pixels": None,  # or the budget in pixels
+    "max_pixels": None,
 }
 SCORERS = [answer_reward, format_reward]
 METRICS = [("closed_accuracy", "Closed acc."), ("open_exact_match", "Open EM"), ("open_recall", "Open recall"),
@@ -127,7 +129,7 @@ def table(summary: dict, datasets: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     config = load_config(args)
-    shared = {key: config[key] for key in ("on_bad_item", "min_pixels", "max_pixels")}
+    shared = {key: config[key] for key in SHARED_KEYS}
     datasets = {name: load_benchmark(name, settings, shared, config["source"], config["limit"])
                 for name, settings in config["benchmarks"].items()}
     for name, path in config["models"].items():

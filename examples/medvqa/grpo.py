@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vqa_benchmarks import ROOT, load_benchmark  # noqa: E402
+from vqa_benchmarks import ROOT, SHARED_KEYS, load_benchmark  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "examples", "pathvlm_r1"))
 from common import load_config, parse_args, pick_rewards, train_grpo  # noqa: E402
@@ -28,14 +28,15 @@ from rewards import AnswerReward, answer_reward, format_reward  # noqa: E402
 # answer_partial: open answers earn their token F1 with the reference (a denser signal for training).
 REWARDS = {"answer": answer_reward, "answer_partial": AnswerReward(open_partial_credit=True), "format": format_reward}
 SECTIONS = {"model": None, "benchmarks": None, "per_benchmark": None, "rewards": ["answer_partial", "format"],
-            "reward_weights": None, "on_bad_item": "error", "min_pixels": None, "max_pixels": 401408, "grpo": None}
+            "reward_weights": None, "on_bad_item": "error", "max_visual_tokens": None, "min_pixels": None,
+            "max_pixels": None, "grpo": None}  # image budget: max_visual_tokens None = 512 unless max_pixels
 
 
 def load_mix(config: dict, source: str, seed: int) -> list[dict]:
     """Every benchmark's rows (a seeded sample of `per_benchmark` of each when set), in one list."""
     if not config["benchmarks"]:
         raise ValueError(f"{source}: benchmarks: must name at least one benchmark and its root")
-    shared = {key: config[key] for key in ("on_bad_item", "min_pixels", "max_pixels")}
+    shared = {key: config[key] for key in SHARED_KEYS}
     mix = []
     for name, settings in config["benchmarks"].items():
         rows = load_benchmark(name, settings, shared, source)

@@ -1,7 +1,7 @@
 """What the medical VQA scripts share: the `benchmarks:` section of a config -> prompt rows per benchmark.
 
 A benchmark's settings are `root` plus any keyword of its loader in `data.medvqa` (`splits`, `files`,
-`language`, `image_dir`, `on_bad_item`, `min_pixels`, `max_pixels`, ...); settings given at the top
+`language`, `image_dir`, `on_bad_item`, `max_visual_tokens`, `max_pixels`, ...); settings given at the top
 level of the config (the image budget, on_bad_item) apply to every benchmark that does not set them.
 """
 
@@ -23,7 +23,9 @@ from grpo.config import check_keys, unknown_key_error  # noqa: E402
 LOADERS = {"vqa_rad": load_vqa_rad, "pathvqa": load_pathvqa, "slake": load_slake, "pmc_vqa": load_pmc_vqa,
            "medxpertqa_mm": load_medxpertqa_mm}
 assert tuple(LOADERS) == BENCHMARKS
-SHARED_KEYS = ("on_bad_item", "min_pixels", "max_pixels")  # top-level settings every loader takes
+# Top-level settings every loader takes: on_bad_item and the image budget (data/images.py), sized to each
+# model's visual tokens when it is loaded.
+SHARED_KEYS = ("on_bad_item", "max_visual_tokens", "min_pixels", "max_pixels")
 
 
 def loader_keys(name: str) -> list[str]:

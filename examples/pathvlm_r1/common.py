@@ -8,10 +8,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data import load_pathmmu, select_part, to_prompt_rows  # noqa: E402
-from data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS  # noqa: E402
+from data import load_pathmmu, select_part, size_images_for, to_prompt_rows  # noqa: E402
 from data.pathmmu import PAPER_SUBSETS, SPLITS  # noqa: E402
 from grpo.config import apply_overrides, check_keys, load_yaml, save_yaml, unknown_key_error  # noqa: E402
+from grpo.models import family_class, unwrap  # noqa: E402
 from grpo.training import check_output_dir, load_model, load_processor, resolve_model  # noqa: E402
 
 # The `data:` section: where PathMMU lives, which frozen split part to use, and the image budget.
@@ -21,10 +21,13 @@ DATA_DEFAULTS = {
     "part": None,  # sft | rl | test
     "subsets": list(PAPER_SUBSETS),
     "splits": list(SPLITS),
-    "min_pixels": DEFAULT_MIN_PIXELS,
-    "max_pixels": DEFAULT_MAX_PIXELS,
+    # The image budget (data/images.py), sized to the model's visual tokens when it is loaded:
+    "max_visual_tokens": None,  # None: 512 (the paper's), unless max_pixels is given
+    "min_pixels": None,  # or the budget in pixels
+    "max_pixels": None,
     "on_bad_item": "error",  # error | skip
 }
+IMAGE_BUDGET_KEYS = ("max_visual_tokens", "min_pixels", "max_pixels")
 
 
 def parse_args(description: str, argv=None, **extra):
@@ -58,7 +61,7 @@ def load_part(data: dict, source: str) -> list[dict]:
         raise FileNotFoundError(f"{source}: split manifest {data['manifest']} not found; write it first with "
                                 f"examples/pathvlm_r1/split.py (see the README)")
     rows = load_pathmmu(data["pathmmu_root"], data["subsets"], data["splits"], on_bad_item=data["on_bad_item"],
-                        min_pixels=data["min_pixels"], max_pixels=data["max_pixels"])
+                        **{key: data[key] for key in IMAGE_BUDGET_KEYS})
     part = select_part(rows, data["manifest"], data["part"])
     print(f"data: {len(part)} rows of part {data['part']!r} from {data['manifest']}")
     return to_prompt_rows(part, source=f"{data['manifest']} part {data['part']}")
@@ -83,6 +86,12 @@ def load_policy(path: str, dtype: str, device=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return model, load_processor(None, resolved)
+
+
+def sized_for(rows: list[dict], model, processor) -> list[dict]:
+    """`rows` (loaded before the model) with their images sized to `model`'s visual tokens (its family's
+    pixels per visual token; not resized where its processor sizes images itself): data.images."""
+    return size_images_for(rows, family_class(unwrap(model).config).image_token_pixels(processor))
 
 
 def save_run_config(config: dict, output_dir: str) -> None:
@@ -111,6 +120,7 @@ def train_grpo(config: dict, grpo_config, rows: list[dict], reward_funcs: list, 
     check_output_dir(grpo_config.output_dir, grpo_config.resume_from_checkpoint, grpo_config.overwrite_output_dir)
     model, processor = load_policy(config["model"], grpo_config.dtype)
     save_run_config(config, grpo_config.output_dir)
+    rows = sized_for(rows, model, processor)
     trainer = Trainer(model, processor, reward_funcs, rows, grpo_config, reward_weights=weights)
     trainer.train()
     return trainer
@@ -152,12 +162,14 @@ def evaluate_model(name: str, path: str, datasets: dict, config: dict, scorers: 
         return
     model, processor = load(path, config["dtype"], device=default_device())
     for dataset, rows in todo.items():
+        rows = sized_for(rows, model, processor)
         result = evaluate(model, processor, rows, scorers, batch_size=config["batch_size"],
                           max_completion_length=config["max_completion_length"],
                           max_prompt_length=config["max_prompt_length"], output_path=records_path(config, name, dataset),
                           resume=True, progress=f"{name} / {dataset}")
-        print(f"[{name}] {dataset}: accuracy {100 * result['accuracy']:.2f}%, "
-              f"mean output tokens {result['mean_completion_tokens']:.1f} ({len(rows)} items)")
+        accuracy = f"accuracy {100 * result['accuracy']:.2f}%, " if "accuracy" in result else ""
+        print(f"[{name}] {dataset}: {accuracy}mean output tokens {result['mean_completion_tokens']:.1f} "
+              f"({len(rows)} items)")
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the next model needs the memory

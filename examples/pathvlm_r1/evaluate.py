@@ -20,7 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import evaluate_model, load_config, load_part, load_policy, parse_args, summarise_records, write_results  # noqa: E402
+from common import (  # noqa: E402
+    IMAGE_BUDGET_KEYS, evaluate_model, load_config, load_part, load_policy, parse_args, summarise_records,
+    write_results,
+)
 
 from data import load_omnimedvqa, to_prompt_rows  # noqa: E402
 from grpo.config import check_keys, unknown_key_error  # noqa: E402
@@ -50,8 +53,8 @@ def load_datasets(config: dict, source: str) -> dict[str, list[dict]]:
         check_keys(config["omnimedvqa"], OMNI_KEYS, f"{source} [omnimedvqa]")
         omni = {**OMNI_KEYS, **config["omnimedvqa"]}
         names = omni["datasets"] or []
-        rows = load_omnimedvqa(omni["root"], names, on_bad_item=data["on_bad_item"], min_pixels=data["min_pixels"],
-                               max_pixels=data["max_pixels"])
+        rows = load_omnimedvqa(omni["root"], names, on_bad_item=data["on_bad_item"],
+                               **{key: data[key] for key in IMAGE_BUDGET_KEYS})
         for name in names:
             chosen = [row for row in rows if row["source"] == name]
             if omni["per_dataset"] and len(chosen) > omni["per_dataset"]:

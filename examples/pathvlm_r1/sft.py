@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import load_config, load_part, load_policy, parse_args, save_run_config  # noqa: E402
+from common import load_config, load_part, load_policy, parse_args, save_run_config, sized_for  # noqa: E402
 
 from data import sft_target  # noqa: E402
 from grpo import SFTConfig, SFTTrainer  # noqa: E402
@@ -33,7 +33,7 @@ def main(argv=None):
     check_output_dir(sft_config.output_dir, sft_config.resume_from_checkpoint, sft_config.overwrite_output_dir)
     model, processor = load_policy(config["model"], sft_config.dtype)
     save_run_config(config, sft_config.output_dir)
-    trainer = SFTTrainer(model, processor, rows, sft_config)
+    trainer = SFTTrainer(model, processor, sized_for(rows, model, processor), sft_config)
     trainer.train()
     return trainer
 

@@ -20,26 +20,32 @@ FAMILY_CLASSES = (Qwen2VLFamily, Qwen3VLFamily, Qwen3_5Family, Gemma3Family, Int
 _BY_MODEL_TYPE = {model_type: cls for cls in FAMILY_CLASSES for model_type in cls.model_types}
 
 
-def family_for(model, processor, *, quiet: bool = False) -> Family:
-    """The family object for `model` (a DeepSpeed engine is looked through) and its processor.
+def family_class(config) -> type[Family]:
+    """The family class serving a model config's `model_type`; `Family` (the plain path) for any other.
+    Its static facts (`Family.image_token_pixels`) need no loaded model."""
+    return _BY_MODEL_TYPE.get(getattr(config, "model_type", None), Family)
+
+
+def family_for(model, processor, *, quiet: bool = False, chat_template_kwargs: dict | None = None) -> Family:
+    """The family object for `model` (a DeepSpeed engine is looked through) and its processor;
+    `chat_template_kwargs` go to every rendering of its chat template (`enable_thinking`, ...).
 
     A model of no known family runs the plain path, said once on stderr unless `quiet`.
     A model the plain path cannot run either (no causal-LM head) is refused.
     """
     module = unwrap(model)
     model_type = getattr(module.config, "model_type", None)
-    cls = _BY_MODEL_TYPE.get(model_type)
-    if cls is None:
+    cls = family_class(module.config)
+    if cls is Family:
         if not hasattr(module, "get_output_embeddings") or module.get_output_embeddings() is None:
             raise ValueError(f"{type(module).__name__} (model_type {model_type!r}) has no language-model head: "
                              f"GRPO needs a model that predicts the next token (AutoModelForImageTextToText or "
                              f"AutoModelForCausalLM)")
-        cls = Family
-    family = cls(module, processor)
+    family = cls(module, processor, chat_template_kwargs)
     if family.lacks and not quiet:
         print(f"[grpo] {type(module).__name__} (model_type {model_type!r}): {family.lacks}; training on the plain path",
               file=sys.stderr)
     return family
 
 
-__all__ = ["FAMILY_CLASSES", "Family", "family_for", "inner_model", "text_config", "unwrap"]
+__all__ = ["FAMILY_CLASSES", "Family", "family_class", "family_for", "inner_model", "text_config", "unwrap"]

@@ -30,6 +30,8 @@ import sys
 
 import torch
 
+from ..templates import ChatTemplate
+
 # Config attributes naming vision special tokens, across families (Qwen, Gemma 3, InternVL, LLaVA...).
 _VISION_TOKEN_ATTRIBUTES = (
     "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index",
@@ -87,11 +89,12 @@ class Family:
     # Why this model runs the plain path (generic models only); None for a family of our own.
     lacks: str | None = "no family module in grpo/models (cached image features, shared-prefix log-probs, its own positions)"
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, chat_template_kwargs: dict | None = None):
         model = unwrap(model)
         self.config = model.config
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.template = ChatTemplate(processor, chat_template_kwargs)  # rows' messages -> prompt text, SFT targets
         self.end_of_turn_id = self._end_of_turn_id()
         self.eos_ids = self._eos_ids(model)
         pad = self.tokenizer.pad_token_id
@@ -144,12 +147,14 @@ class Family:
 
     # ------------------------------------------------------------------ prompts
     def encode(self, text: str, images: list) -> dict:
-        """The processor's tensors for one rendered prompt and its images (batch dimension 1)."""
+        """The processor's tensors for one rendered prompt and its images (batch dimension 1), special
+        tokens added as `apply_chat_template(tokenize=True)` adds them (one `<bos>` on Gemma)."""
+        special = self.template.add_special_tokens(text)
         if images:
-            return dict(self.processor(text=[text], images=images, return_tensors="pt"))
+            return dict(self.processor(text=[text], images=images, add_special_tokens=special, return_tensors="pt"))
         if self.processor is self.tokenizer:
-            return dict(self.tokenizer([text], add_special_tokens=False, return_tensors="pt"))
-        return dict(self.processor(text=[text], return_tensors="pt"))
+            return dict(self.tokenizer([text], add_special_tokens=special, return_tensors="pt"))
+        return dict(self.processor(text=[text], add_special_tokens=special, return_tensors="pt"))
 
     def image_token_row(self, encoded: dict) -> torch.Tensor:
         """[1, P] 1 on the prompt's image tokens: the processor's `token_type_key` output, else the
@@ -197,6 +202,14 @@ class Family:
         """The modules that turn pixels into the features the language model reads."""
         inner = inner_model(model)
         return [getattr(inner, name) for name in _VISION_MODULES if isinstance(getattr(inner, name, None), torch.nn.Module)]
+
+    @staticmethod
+    def image_token_pixels(processor) -> int | None:
+        """The side in pixels of the square one visual token covers, when the processor cuts images at
+        their own size into such squares: the data loaders size images to multiples of it, within a
+        budget of visual tokens (data/images.py). None (here): the processor sizes images its own way
+        (a fixed square, tiles, or unknown), so they reach it unresized."""
+        return None
 
     # ------------------------------------------------------------------ packed groups
     def attention_implementation(self, model) -> str | None:

@@ -35,6 +35,11 @@ class Qwen2VLFamily(Family):
     def vision_modules(self, model):
         return [inner_model(model).visual]
 
+    @staticmethod
+    def image_token_pixels(processor):
+        images = processor.image_processor
+        return images.patch_size * images.merge_size  # 14 * 2 (Qwen2/2.5-VL), 16 * 2 (Qwen3-VL, Qwen3.5)
+
     def _vision_output(self, model, image_inputs):
         return inner_model(model).get_image_features(
             image_inputs["pixel_values"], image_inputs["image_grid_thw"], return_dict=True)
