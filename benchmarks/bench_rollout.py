@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+from grpo.decoding import StaticDecoder  # noqa: E402
 from grpo.logprobs import with_image_features  # noqa: E402
 from grpo.models import family_for  # noqa: E402
 from grpo.prompts import encode_prompts  # noqa: E402
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile-decode", choices=["on", "off"], default="off",
+                        help="on: also time our rollout with static-shape, compiled decoding (grpo/decoding.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = common.CONFIGS[args.config]
@@ -47,11 +50,11 @@ def main() -> None:
     eos, pad = family.eos_ids, family.pad_id
     family.forbidden_ids = suppressed = family.forbidden_ids + eos  # every completion runs to the limit: same work
 
-    def ours():
+    def ours(decoder=None):
         with torch.no_grad():
             cached = with_image_features(family, model, prompts)
             out = generate(family, model, cached, SamplingParams(max_new_tokens=C), group_size=G,
-                           generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(0), decoder=decoder)
         return out.ids
 
     def hf():
@@ -64,9 +67,15 @@ def main() -> None:
         return out[:, prompts.input_ids.shape[1]:]
 
     sides = {"ours": ours, "hf_generate": hf}
+    if args.compile_decode == "on":
+        decoder = StaticDecoder()
+        sides["ours_compiled"] = lambda: ours(decoder)
     times = {name: [] for name in sides}
-    for name, func in sides.items():  # warm-up, and both must produce every token
+    warmup = {}
+    for name, func in sides.items():  # warm-up (compilation included), and every side must produce every token
+        start = time.perf_counter()
         assert func().shape == (B * G, C), name
+        warmup[name] = time.perf_counter() - start
     for repeat in range(args.repeats):
         for name in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
             start = time.perf_counter()
@@ -77,11 +86,14 @@ def main() -> None:
     report = {"benchmark": "rollout", "config": args.config, "shape": shape, "model": common.describe(model, processor),
               "tokens_per_rollout": tokens,
               "prompt_tokens": int(prompts.attention_mask.sum(1).max()), "started": started, "machine": common.machine(),
-              "threads": args.threads, "repeats": args.repeats}
+              "threads": args.threads, "repeats": args.repeats, "compile_decode": args.compile_decode,
+              "warmup_s": warmup}
     for name in sides:
         median = statistics.median(times[name])
         report.update({f"{name}_s_median": median, f"{name}_tokens_per_s": tokens / median, f"{name}_s": times[name]})
     report["speedup"] = report["hf_generate_s_median"] / report["ours_s_median"]
+    if "ours_compiled" in sides:  # eager / compiled, compile time excluded (it is the compiled side's warmup_s)
+        report["compiled_speedup"] = report["ours_s_median"] / report["ours_compiled_s_median"]
     common.write_report(report, args.json, hide_suffix="_s")
 
 

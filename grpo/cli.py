@@ -73,6 +73,7 @@ class EvaluateConfig(ConfigMixin):
     max_completion_length: int = 1024  # new tokens per row
     dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
     resume: bool = False  # keep the records already in output_dir and decode only the other rows
+    compile_decode: bool | str = False  # static-shape decoding through a compiled forward: True | False | auto (CUDA only)
     accuracy: str | None = None  # reward reported as accuracy (answer, answer_reward); None: first marked is_accuracy
 
 
@@ -294,7 +295,8 @@ def run_evaluate(run: Run) -> dict:
     result = evaluate(model, processor, rows, funcs, batch_size=cfg.batch_size,
                       max_completion_length=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
                       output_path=os.path.join(cfg.output_dir, "records.jsonl"), resume=cfg.resume, progress="evaluate",
-                      accuracy=accuracy, chat_template_kwargs=run.prompt.chat_template_kwargs)
+                      accuracy=accuracy, chat_template_kwargs=run.prompt.chat_template_kwargs,
+                      compile_decode=cfg.compile_decode)
     summary = {"model": path, "rows": len(rows), **{k: v for k, v in result.items() if k != "records"}}
     with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

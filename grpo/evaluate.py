@@ -12,6 +12,7 @@ from .models import family_for, unwrap
 from .prompts import column, encode_prompts
 from .sampling import GREEDY, decode_completions, generate
 from .scoring import call_reward_functions, reward_columns, reward_name
+from .decoding import StaticDecoder, wants_compiled_decoding
 from .templates import check_reasoning_fits
 from .training import Progress
 
@@ -33,7 +34,8 @@ def accuracy_name(reward_funcs, accuracy: str | None = None) -> str | None:
 def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, max_completion_length: int = 1024,
              max_prompt_length: int = 4096, output_path: str | None = None, resume: bool = False,
              progress: str | None = None, synced: bool = False, accuracy: str | None = None,
-             chat_template_kwargs: dict | None = None) -> dict:
+             chat_template_kwargs: dict | None = None, compile_decode: bool | str = False,
+             decoder: StaticDecoder | None = None) -> dict:
     """Greedy-decode every row and score it.
 
     Returns {"accuracy": mean of the accuracy reward, "<name>": mean of each function,
@@ -45,6 +47,8 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
     decoded again. `progress`: a label to show a progress line on stderr with. `synced`: keep
     processes decoding in lockstep (DeepSpeed ZeRO-3, where every process evaluates the same rows).
     `chat_template_kwargs`: template arguments for the prompts (as in training: README "Real checkpoints").
+    `compile_decode`: decode with static shapes through a compiled forward (`grpo.decoding`; "auto": on
+    CUDA only), or pass the `decoder` of a run that already compiled one.
     """
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     names = [reward_name(f) for f in funcs]
@@ -52,6 +56,8 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
     family = family_for(model, processor, quiet=True, chat_template_kwargs=chat_template_kwargs)
     check_reasoning_fits(family.template, funcs)
     params = replace(GREEDY, max_new_tokens=max_completion_length)
+    if decoder is None and wants_compiled_decoding(compile_decode, next(unwrap(model).parameters()).device):
+        decoder = StaticDecoder()
     device = next(unwrap(model).parameters()).device
     ids = [i if item_id is None else item_id for i, item_id in enumerate(column(dataset, "id"))]  # no image opened
     seen = {}
@@ -72,7 +78,7 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
         index = todo[start : start + batch_size]
         rows = [dataset[i] for i in index]
         prompts = encode_prompts(family, rows, index, max_prompt_length).to(device)
-        out = generate(family, model, prompts, params, synced=synced)
+        out = generate(family, model, prompts, params, synced=synced, decoder=decoder)
         texts = decode_completions(family, out)
         scores = call_reward_functions(funcs, [row["prompt"] for row in rows], texts,
                                         reward_columns(rows, out.ids, out.mask))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .decoding import StaticDecoder
 from .distributed import any_rank
 from .logprobs import packed_mask, prefill
 from .models import Family, unwrap
@@ -72,7 +73,8 @@ class Completions:
 
 @torch.no_grad()
 def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams, *, group_size: int = 1,
-             generator: torch.Generator | None = None, synced: bool = False, shared_prefix: bool = True) -> Completions:
+             generator: torch.Generator | None = None, synced: bool = False, shared_prefix: bool = True,
+             decoder: StaticDecoder | None = None) -> Completions:
     """Sample `group_size` completions per prompt (N = B * group_size), prompt-major.
 
     Fast-path families prefill each prompt once (the vision tower not at all when `prompts` carries
@@ -83,11 +85,14 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
     tokens from the same generator. `synced` (needed
     under DeepSpeed ZeRO-3, where every forward gathers parameters collectively) keeps all
     processes decoding until the last one is done, so a process whose completions end early does
-    not leave the others hanging.
+    not leave the others hanging. With a `decoder` (`grpo.decoding`) every decoding step has the same
+    shapes (one token per row, a cache preallocated for the whole completion) and may be compiled;
+    the tokens are the same.
     """
     device = prompts.input_ids.device
     shared = family.fast_path and shared_prefix
-    packed = shared and family.can_pack(model) and group_size > 1
+    static = decoder is not None and decoder.usable(family, model)
+    packed = shared and family.can_pack(model) and group_size > 1 and not static
     if shared:
         out, positions = prefill(family, model, prompts)
         cache = family.cache_of(out)
@@ -105,7 +110,13 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
         logits = out.logits[:, -1].float()
         attention_mask = copies.attention_mask
         next_position = family.next_position(positions)
-    reserve_cache(cache, params.max_new_tokens * (group_size if packed else 1))
+    if static:
+        prompt_length = attention_mask.shape[1]
+        cache = decoder.static_cache(model, cache, prompt_length, params.max_new_tokens)
+        static_mask = attention_mask.new_zeros(attention_mask.shape[0], decoder.cache_length(prompt_length, params.max_new_tokens))
+        static_mask[:, :prompt_length] = attention_mask
+    else:
+        reserve_cache(cache, params.max_new_tokens * (group_size if packed else 1))
     if packed:  # the G tokens of a prompt's completions go in one row: [prompt | step 0's G | step 1's G | ...]
         decode_mask = packed_mask(prompts.attention_mask, group_size, params.max_new_tokens,
                                   family.attention_implementation(model), unwrap(model).dtype, decoding=True)
@@ -131,19 +142,20 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
                 positions = family.continuation_positions(next_position + step, 1)
                 positions = positions.expand(*positions.shape[:-1], group_size)
                 mask = decode_mask[..., : prompts.input_ids.shape[1] + (step + 1) * group_size]
+            elif static:  # the same shapes at every step: the token's column of the mask set in place
+                fed = token[:, None]  # [N, 1]
+                positions = family.continuation_positions(next_position + step, 1)
+                static_mask[:, prompt_length + step] = 1
+                mask = static_mask
             else:
                 fed = token[:, None]  # [N, 1]
                 positions = family.continuation_positions(next_position + step, 1)
                 attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
                 mask = attention_mask
-            out = model(
-                input_ids=fed,
-                attention_mask=mask,
-                position_ids=positions,
-                **family.continuation_kwargs(fed),
-                **family.cache_kwargs(model, cache),
-            )
-            cache = family.cache_of(out)
+            inputs = dict(input_ids=fed, attention_mask=mask, position_ids=positions, **family.continuation_kwargs(fed),
+                          **family.cache_kwargs(model, cache))
+            out = decoder.step(model, **inputs) if static else model(**inputs)
+            cache = cache if static else family.cache_of(out)
             logits = (out.logits.reshape(n, -1) if packed else out.logits[:, -1]).float()
     ids = torch.stack(tokens, dim=1)  # [N, C]
     is_eos = torch.isin(ids, eos)

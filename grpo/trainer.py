@@ -29,6 +29,7 @@ from .distributed import (
     Optimization, all_gather_cat, all_reduce_sum, check_images_on_every_rank, check_master_weights, is_main_process,
     shard, world,
 )
+from .decoding import StaticDecoder, wants_compiled_decoding
 from .dynamic_sampling import gather_groups, local_groups, pad_groups, refill_row_indices, select_groups
 from .objective import (
     ADVANTAGE_ESTIMATORS, SCALE_MODES, check_objective, group_advantages, grpo_loss, high_entropy_mask,
@@ -121,6 +122,10 @@ class GRPOConfig(ConfigMixin):
     # Runs under DeepSpeed ZeRO-2/3 too (tests/test_distributed.py); benchmarks/README.md has the speed-up.
     # A model of no known family runs the plain path whatever this says (README: Model families).
     shared_prefix: bool = True
+    # Decode with static shapes (a cache preallocated for the whole completion, every row stepping
+    # together) through one torch.compile'd forward, CUDA graphs on a GPU: same tokens (grpo/decoding.py).
+    # False (the default until a GPU run has measured it) | True | "auto" (on for CUDA, off on the CPU).
+    compile_decode: bool | str = False
     # logging and checkpoints
     log_completions: int = 4  # completions per step written to completions.jsonl (0 = none)
     eval_steps: int = 0  # evaluate on eval_dataset every N steps (0 = off)
@@ -255,6 +260,7 @@ class Trainer:
         self.opt = Optimization(self.model, cfg, total_updates=cfg.max_steps * cfg.num_iterations,
                                 micro_batches_per_update=local_completions // cfg.completions_per_micro_batch,
                                 micro_batch_size=cfg.completions_per_micro_batch)
+        self.decoder = StaticDecoder() if wants_compiled_decoding(cfg.compile_decode, self.device) else None
         self.step = 0
         self.guard = RunGuard(cfg, self.device, "grpo")
 
@@ -273,6 +279,7 @@ class Trainer:
         """G sampled completions for each of this process's prompts (no log-probs yet: `logprob_passes`)."""
         prompts = self._prompts(rows, row_indices)
         out = generate(self.family, self.policy, prompts, self.config.sampling_params(), group_size=self.config.group_size,
+                       decoder=self.decoder,
                        generator=generator, synced=self.opt.zero_stage == 3, shared_prefix=self.config.shared_prefix)
         batch = Rollout(rows, prompts, out.ids, out.mask, out.truncated, row_indices=list(row_indices))
         batch.texts = decode_completions(self.family, out)
@@ -507,7 +514,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         result = evaluate(self.policy, self.processor, self.eval_dataset, self.eval_reward_funcs,
                           batch_size=self.config.eval_batch_size, max_completion_length=self.config.max_completion_length,
-                          synced=self.opt.zero_stage == 3, accuracy=self.config.accuracy,
+                          synced=self.opt.zero_stage == 3, accuracy=self.config.accuracy, decoder=self.decoder,
                           chat_template_kwargs=self.config.chat_template_kwargs)
         result = {k: v for k, v in result.items() if k != "records"}
         result.update(reward_stats(self.eval_reward_funcs))  # the evaluation's own judge traffic, say

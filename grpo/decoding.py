@@ -1,0 +1,97 @@
+"""Decoding with static shapes, compiled once per run shape (`GRPOConfig.compile_decode`).
+
+Eager decoding pays Python and kernel-launch overhead on every token step, more than the step's
+arithmetic for a batch of a few dozen rows. `StaticDecoder` makes every step of a rollout the same
+program: the prompt's keys and values are copied into a KV cache preallocated for the whole
+completion (transformers' `StaticCache`, its length rounded up to a multiple of `bucket` so that
+prompts of nearby lengths share it), all N rows step together (finished rows keep stepping on
+padding), and the attention mask is one [N, length] tensor whose next column is set in place. The
+model's forward over one such step is then compiled once (`torch.compile`, CUDA graphs on a GPU:
+mode "reduce-overhead") and replayed. Sampling stays outside, in `grpo.sampling`, unchanged.
+
+Families whose cache is not a plain key/value store (sliding-window layers: Gemma 3; linear
+attention: Qwen3.5) and models under DeepSpeed decode eagerly, said once on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import StaticCache
+
+from .models import Family, text_config, unwrap
+
+
+def wants_compiled_decoding(setting, device: torch.device) -> bool:
+    """`compile_decode` resolved: "auto" is on for CUDA (CUDA graphs) and off on the CPU, where
+    compiling takes longer (~30 s per run shape on 2 cores) than it saves in a short run
+    (benchmarks/README.md)."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    if not isinstance(setting, bool):
+        raise ValueError(f"compile_decode must be 'auto', True or False, got {setting!r}")
+    return setting
+
+
+class StaticDecoder:
+    """Static-shape decoding for one run; keeps its compiled forward across rollouts."""
+
+    def __init__(self, compile: bool = True, bucket: int = 64, mode: str | None = None):
+        self.compile = compile
+        self.bucket = bucket
+        self.mode = mode
+        self._compiled = None  # (model, its compiled forward)
+        self._told: set[str] = set()
+
+    def why_not(self, family: Family, model) -> str | None:
+        """Why `model` cannot decode here (then the caller decodes eagerly), or None."""
+        if model is not unwrap(model) and hasattr(model, "module"):
+            return "a DeepSpeed engine (its forward gathers parameters)"
+        layer_types = getattr(text_config(unwrap(model).config), "layer_types", None) or ["full_attention"]
+        other = sorted(set(layer_types) - {"full_attention"})
+        if other or getattr(text_config(unwrap(model).config), "use_sliding_window", False):
+            return f"{family.name}'s {', '.join(other) or 'sliding-window'} layers keep no plain key/value cache"
+        return None
+
+    def usable(self, family: Family, model) -> bool:
+        reason = self.why_not(family, model)
+        if reason and reason not in self._told:
+            self._told.add(reason)
+            print(f"[grpo] compile_decode: {reason}; decoding eagerly", file=sys.stderr)
+        return reason is None
+
+    def cache_length(self, prompt_length: int, new_tokens: int) -> int:
+        """Slots of the static cache: prompt + completion, rounded up to the bucket."""
+        return -(-(prompt_length + new_tokens) // self.bucket) * self.bucket
+
+    def static_cache(self, model, cache, prompt_length: int, new_tokens: int) -> StaticCache:
+        """A cache of `cache_length` slots holding `cache`'s prompt keys and values, written at slots
+        0 .. prompt_length - 1 (its N rows: the prompts already repeated for their G samples)."""
+        static = StaticCache(config=unwrap(model).config, max_cache_len=self.cache_length(prompt_length, new_tokens))
+        for layer, prompt in zip(static.layers, cache.layers):
+            layer.update(prompt.keys, prompt.values)
+        return static
+
+    def forward(self, model):
+        """The forward that runs a decoding step: compiled once per model (later calls with the same
+        shapes replay it; a new bucket length compiles once more), else the model itself."""
+        if not self.compile:
+            return model
+        if self._compiled is None or self._compiled[0] is not model:
+            mode = self.mode or ("reduce-overhead" if next(unwrap(model).parameters()).is_cuda else None)
+            self._compiled = (model, torch.compile(model, dynamic=False, mode=mode))
+        return self._compiled[1]
+
+    def step(self, model, **inputs):
+        """One decoding forward. A model that fails to compile decodes eagerly from then on, said once."""
+        forward = self.forward(model)
+        if forward is model:
+            return model(**inputs)
+        try:
+            return forward(**inputs)
+        except Exception as error:  # torch.compile raises many types; the eager forward is the fallback
+            self.compile = False
+            print(f"[grpo] compile_decode: {type(unwrap(model)).__name__} did not compile ({type(error).__name__}: "
+                  f"{str(error).splitlines()[0][:200]}); decoding eagerly", file=sys.stderr)
+            return model(**inputs)
