@@ -4,8 +4,10 @@ Eager decoding pays Python and kernel-launch overhead on every token step, more 
 arithmetic for a batch of a few dozen rows. `StaticDecoder` makes every step of a rollout the same
 program: the prompt's keys and values are copied into a KV cache preallocated for the whole
 completion (transformers' `StaticCache`, its length rounded up to a multiple of `bucket` so that
-prompts of nearby lengths share it), all N rows step together (finished rows keep stepping on
-padding), and the attention mask is one [N, length] tensor whose next column is set in place. The
+prompts of nearby lengths share it), all rows step together (finished rows keep stepping on
+padding), and the attention mask keeps one shape: an [N, length] mask whose next column is set in
+place, or, for a packing family (one row per prompt, its G tokens fed side by side: `grpo.sampling`),
+the packed mask with the keys not yet written masked out. The
 model's forward over one such step is then compiled once (`torch.compile`, CUDA graphs on a GPU:
 mode "reduce-overhead") and replayed. Sampling stays outside, in `grpo.sampling`, unchanged.
 

@@ -92,7 +92,8 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
     device = prompts.input_ids.device
     shared = family.fast_path and shared_prefix
     static = decoder is not None and decoder.usable(family, model)
-    packed = shared and family.can_pack(model) and group_size > 1 and not static
+    packed = shared and family.can_pack(model) and group_size > 1 and (
+        not static or family.attention_implementation(model) == "sdpa")
     if shared:
         out, positions = prefill(family, model, prompts)
         cache = family.cache_of(out)
@@ -110,16 +111,21 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
         logits = out.logits[:, -1].float()
         attention_mask = copies.attention_mask
         next_position = family.next_position(positions)
-    if static:
+    if static:  # a packed row takes G tokens per step
         prompt_length = attention_mask.shape[1]
-        cache = decoder.static_cache(model, cache, prompt_length, params.max_new_tokens)
-        static_mask = attention_mask.new_zeros(attention_mask.shape[0], decoder.cache_length(prompt_length, params.max_new_tokens))
+        fed_tokens = params.max_new_tokens * (group_size if packed else 1)
+        cache = decoder.static_cache(model, cache, prompt_length, fed_tokens)
+        length = decoder.cache_length(prompt_length, fed_tokens)
+        static_mask = attention_mask.new_zeros(attention_mask.shape[0], length)  # [N, length]
         static_mask[:, :prompt_length] = attention_mask
     else:
         reserve_cache(cache, params.max_new_tokens * (group_size if packed else 1))
     if packed:  # the G tokens of a prompt's completions go in one row: [prompt | step 0's G | step 1's G | ...]
         decode_mask = packed_mask(prompts.attention_mask, group_size, params.max_new_tokens,
                                   family.attention_implementation(model), unwrap(model).dtype, decoding=True)
+        if static:  # [B, 1, G, length]: the room past the completion masked, and at each step the keys not yet written
+            decode_mask = torch.nn.functional.pad(decode_mask, (0, length - decode_mask.shape[-1]))
+            key_slot = torch.arange(length, device=device)
     n = logits.shape[0]
     eos = torch.tensor(family.eos_ids, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
@@ -141,7 +147,10 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
                 fed = token.view(-1, group_size)  # [B, G]
                 positions = family.continuation_positions(next_position + step, 1)
                 positions = positions.expand(*positions.shape[:-1], group_size)
-                mask = decode_mask[..., : prompts.input_ids.shape[1] + (step + 1) * group_size]
+                if static:
+                    mask = decode_mask & (key_slot < prompt_length + (step + 1) * group_size)
+                else:
+                    mask = decode_mask[..., : prompts.input_ids.shape[1] + (step + 1) * group_size]
             elif static:  # the same shapes at every step: the token's column of the mask set in place
                 fed = token[:, None]  # [N, 1]
                 positions = family.continuation_positions(next_position + step, 1)

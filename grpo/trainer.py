@@ -122,8 +122,8 @@ class GRPOConfig(ConfigMixin):
     # Runs under DeepSpeed ZeRO-2/3 too (tests/test_distributed.py); benchmarks/README.md has the speed-up.
     # A model of no known family runs the plain path whatever this says (README: Model families).
     shared_prefix: bool = True
-    # Decode with static shapes (a cache preallocated for the whole completion, every row stepping
-    # together) through one torch.compile'd forward, CUDA graphs on a GPU: same tokens (grpo/decoding.py).
+    # Decode with static shapes (a cache preallocated for the whole completion, masks of one shape)
+    # through one torch.compile'd forward, CUDA graphs on a GPU: the same tokens (grpo/decoding.py).
     # False (the default until a GPU run has measured it) | True | "auto" (on for CUDA, off on the CPU).
     compile_decode: bool | str = False
     # logging and checkpoints
