@@ -1,14 +1,16 @@
 """benchmarks/gpu_check.py at CI size: the script a GPU machine runs works end to end on CPU.
 
 `--device cpu --tiny` runs every shape (Qwen2.5-VL, Qwen3-VL, Gemma 3) on the tiny builders of
-grpo/tiny.py through the same code as the real-size run: 3 GRPO steps of the Trainer, then one rollout
-scored on the shared-prefix and the plain path.
+grpo/tiny.py through the same code as the real-size run: decoding timed alone against the bandwidth
+bound, 3 GRPO steps of the Trainer, then one rollout scored on the shared-prefix and the plain path.
 """
 
 import importlib.util
 import json
 import math
 import os
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,3 +38,75 @@ def test_gpu_check_tiny_on_cpu(tmp_path, monkeypatch):
         assert result["visual_tokens_per_prompt"] > 0, name  # the prompts carry their image
         # The fast path's log-probs are the plain path's (float32): the number the GPU run reports at bf16.
         assert result["max_abs_logprob_diff_shared_vs_plain"] < 1e-3, (name, result["max_abs_logprob_diff_shared_vs_plain"])
+        check_decode(gpu_check, name, result)
+        check_compiled_decode(gpu_check, name, result)
+
+
+def check_compiled_decode(gpu_check, name: str, result: dict):
+    """The compiled decode record (grpo.decoding.StaticDecoder): a fallback for Gemma 3's sliding
+    window, else the same quantities, the attention reading the whole preallocated cache at every step."""
+    from grpo.decoding import StaticDecoder
+    from grpo.tiny import build_tiny_model_and_processor
+
+    compiled = result["decode"]["compiled"]
+    if result["family"] == "gemma3":
+        assert "sliding_attention" in compiled["fallback"]
+        return
+    assert compiled["compile_decode"] == "compiled" and compiled["packed"]
+    assert compiled["ms_per_token_step"] > 0 and compiled["warmup_s"] > 0
+    assert compiled["decode_tokens_per_s"] == pytest.approx(compiled["completions"] / compiled["ms_per_token_step"] * 1e3)
+    config = build_tiny_model_and_processor(family=result["family"])[0].config.get_text_config()
+    length = StaticDecoder().cache_length(compiled["padded_prompt_tokens"],
+                                          compiled["completion_tokens"] * gpu_check.GROUP_SIZE)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    expected = gpu_check.PROMPTS_PER_STEP * config.num_hidden_layers * length * 2 * config.num_key_value_heads * head_dim * 4
+    assert compiled["kv_cache_bytes_per_step"] == expected, name
+
+
+def test_decode_only_skips_the_grpo_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    gpu_check = load_gpu_check()
+    report = gpu_check.main(["--device", "cpu", "--tiny", "--decode-only", "--shapes", "gemma3_4b"])
+
+    result = report["shapes"]["gemma3_4b"]
+    assert "s_per_step" not in result and "max_abs_logprob_diff_shared_vs_plain" not in result
+    check_decode(gpu_check, "gemma3_4b", result)
+    check_compiled_decode(gpu_check, "gemma3_4b", result)
+
+
+def check_decode(gpu_check, name: str, result: dict):
+    """The eager decode record: positive times, tokens/s = N / step time, the bound's bytes as counted
+    from the tiny model's config, and a measured step no faster than that bound allows."""
+    from grpo.tiny import build_tiny_model_and_processor
+
+    decode = result["decode"]["eager"]
+    assert decode["compile_decode"] == "eager"
+    completions = gpu_check.GROUP_SIZE * gpu_check.PROMPTS_PER_STEP
+    assert decode["completions"] == completions
+    assert decode["prefill_ms"] > 0 and decode["decode_s"] > 0 and decode["ms_per_token_step"] > 0, (name, decode)
+    assert decode["ms_per_token_step"] == pytest.approx(decode["decode_s"] * 1e3 / (decode["completion_tokens"] - 1))
+    assert decode["decode_tokens_per_s"] == pytest.approx(completions / decode["ms_per_token_step"] * 1e3)
+    assert decode["copy_bandwidth_gb_s"] > 0
+    assert 0 < decode["fraction_of_bound"] <= 1.5, (name, decode["fraction_of_bound"])
+    assert decode["bound_ms_per_step"] == pytest.approx(
+        (decode["weight_bytes_per_step"] + decode["kv_cache_bytes_per_step"]) / (decode["copy_bandwidth_gb_s"] * 1e6))
+
+    # The tiny models tie their embeddings and run in float32: a step reads every language-model weight once.
+    assert decode["weight_bytes_per_step"] == 4 * result["trainable_parameters"], name
+    # The KV cache, from the config: Qwen packs a prompt's G completions in one row (B rows of P + (s + 1) G
+    # slots at step s), Gemma 3's sliding-window layers cannot (N rows of P + s + 1; its window is full).
+    model, _ = build_tiny_model_and_processor(family=result["family"])
+    config = model.config.get_text_config()
+    prompt, length = decode["padded_prompt_tokens"], decode["completion_tokens"]
+    mean_step = length / 2  # completion slots attended, averaged over steps s = 0 .. C - 2: mean of s + 1
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    if result["family"] == "gemma3":
+        assert not decode["packed"]
+        assert prompt > config.sliding_window
+        slots = completions * sum(prompt + mean_step if kind == "full_attention" else config.sliding_window
+                                  for kind in layer_types)
+    else:
+        assert decode["packed"]
+        slots = gpu_check.PROMPTS_PER_STEP * len(layer_types) * (prompt + gpu_check.GROUP_SIZE * mean_step)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert decode["kv_cache_bytes_per_step"] == int(slots * 2 * config.num_key_value_heads * head_dim * 4), name
