@@ -68,7 +68,7 @@ def run_ours(args, shape, rows, shared_prefix: bool, lora=None) -> tuple[list[fl
             max_completion_length=shape["max_completion_length"], beta=0.04, loss_type="grpo", num_iterations=1,
             temperature=1.0, learning_rate=1e-6, max_steps=args.warmup + args.steps, save_steps=0, log_completions=0,
             freeze_vision_tower=True, dtype="float32", shared_prefix=shared_prefix, seed=0, lora=lora,
-            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing=args.gradient_checkpointing, compile_decode=args.compile_decode == "on",
         )
         baseline = common.rss_mib()
         trainer = Trainer(args.model_dir, args.model_dir, [length_reward], rows, cfg)
@@ -146,7 +146,8 @@ def spawn(args, side: str, model_dir: str, return_freed: bool = False) -> dict:
     """One worker subprocess of `side`; `return_freed`: glibc returning freed memory (the live-memory run)."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--config", args.config, "--family", args.family,
                "--model-dir", model_dir, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--threads", str(args.threads)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+               "--threads", str(args.threads), "--compile-decode", args.compile_decode] + (
+                   ["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(common.RETURN_FREED_MEMORY if return_freed else {})}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -171,6 +172,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every side")
     parser.add_argument("--with-plain", action="store_true", help="also time our plain path (shared_prefix=False)")
+    parser.add_argument("--compile-decode", choices=["on", "off"], default="off",
+                        help="our sides decode through grpo.decoding.StaticDecoder (compiled); the warmup steps compile")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="every side recomputes activations in backward")
     parser.add_argument("--lora", action="store_true", help="ours with a rank-16 LoRA adapter against ours fully fine-tuned, instead of TRL")
     parser.add_argument("--live-memory", action=argparse.BooleanOptionalAction, default=True,
@@ -231,6 +234,7 @@ def main() -> None:
         "model": model_info,
         "settings": {"beta": 0.04, "loss_type": "grpo", "num_iterations": 1, "temperature": 1.0,
                      "freeze_vision_tower": True, "gradient_checkpointing": args.gradient_checkpointing, "eos_suppressed": True,
+                     "compile_decode": args.compile_decode,
                      "rounds": args.rounds, "timed_steps_per_round": args.steps, "warmup_steps_per_round": args.warmup,
                      "threads": args.threads},
         "started": started, "machine": {**machine, "load_average_at_end": os.getloadavg()},
