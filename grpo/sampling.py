@@ -166,6 +166,8 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
             out = decoder.step(model, **inputs) if static else model(**inputs)
             cache = cache if static else family.cache_of(out)
             logits = (out.logits.reshape(n, -1) if packed else out.logits[:, -1]).float()
+            if static:  # a CUDA-graph replay writes its outputs into the same buffers: ours to edit (forbidden ids)
+                logits = logits.clone()
     ids = torch.stack(tokens, dim=1)  # [N, C]
     is_eos = torch.isin(ids, eos)
     # 1 on every token up to and including the first EOS (all tokens when there is none).
