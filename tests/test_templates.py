@@ -157,3 +157,42 @@ def test_the_command_line_passes_template_arguments_to_evaluation(tmp_path, toy_
     with pytest.raises(ValueError, match="enable_thinking"):
         main(["evaluate", "--config", str(tmp_path / "run.yaml"), "--set", "prompt.chat_template_kwargs=null",
               "--set", f"evaluate.output_dir={tmp_path / 'eval2'}"])
+
+
+@pytest.mark.parametrize("folder", ["qwen3_5", "gemma3", "qwen2_5_vl"])
+def test_a_real_checkpoint_loaded_in_bf16_trains_and_decodes_the_same_tokens_statically(real_checkpoint, folder,
+                                                                                       tmp_path):
+    """Loaded by path in bf16 as a user loads a published checkpoint: GRPO steps move the bf16 weights
+    (fp32 master weights), and static-shape decoding samples the eager loop's tokens in bf16 too."""
+    from grpo.decoding import StaticDecoder
+    from grpo.logprobs import with_image_features
+    from grpo.sampling import SamplingParams, generate
+
+    path = str(real_checkpoint(folder))
+    kwargs = THINKING if folder == "qwen3_5" else None
+    rows = [{"prompt": messages(), "image": image(224 + 32 * i, 160), "solution": "B) Whorled pattern"} for i in range(2)]
+    cfg = GRPOConfig(output_dir=str(tmp_path), group_size=2, prompts_per_step=2, completions_per_micro_batch=4,
+                     max_completion_length=4, max_steps=2, beta=0.04, save_steps=0, learning_rate=1e-5,
+                     dtype="bfloat16", chat_template_kwargs=kwargs)
+    trainer = Trainer(path, None, [format_reward, accuracy_reward,
+                                   lambda prompts, completions, **c: [float(len(x)) for x in completions]], rows, cfg)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.bfloat16 for p in before.values())
+    history = trainer.train()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    # lr 1e-5 is below bf16's spacing at most weights: the fp32 masters carry the updates, and the model's
+    # weights are their bf16 rounding.
+    masters = trainer.opt.master_weights.state_dict()
+    params = dict(trainer.model.named_parameters())
+    assert masters.keys() == before.keys() and all(m.dtype == torch.float32 for m in masters.values())
+    assert all(torch.equal(params[name].detach(), master.to(torch.bfloat16)) for name, master in masters.items())
+    layers = [name for name in masters if ".layers." in name and name.endswith("weight") and masters[name].dim() == 2]
+    moved = sum(int((masters[name] != before[name].float()).sum()) for name in layers)
+    assert layers and moved > 0.9 * sum(masters[name].numel() for name in layers)
+
+    model, family = trainer.model.eval(), trainer.family
+    prompts = with_image_features(family, model, encode_prompts(family, rows, [0, 1], 4096).to(trainer.device))
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    runs = [generate(family, model, prompts, params, group_size=2, decoder=d, generator=torch.Generator().manual_seed(5))
+            for d in (None, StaticDecoder(compile=False))]
+    assert torch.equal(runs[0].ids, runs[1].ids)
