@@ -27,8 +27,7 @@ from .models import Family, text_config, unwrap
 
 def wants_compiled_decoding(setting, device: torch.device) -> bool:
     """`compile_decode` resolved: "auto" is on for CUDA (CUDA graphs) and off on the CPU, where
-    compiling takes longer (~30 s per run shape on 2 cores) than it saves in a short run
-    (benchmarks/README.md)."""
+    compiling (8-16 s per cache length on 2 cores) buys a rollout only 1.1-1.5x (benchmarks/README.md)."""
     if setting == "auto":
         return torch.device(device).type == "cuda"
     if not isinstance(setting, bool):
@@ -69,7 +68,8 @@ class StaticDecoder:
 
     def static_cache(self, model, cache, prompt_length: int, new_tokens: int) -> StaticCache:
         """A cache of `cache_length` slots holding `cache`'s prompt keys and values, written at slots
-        0 .. prompt_length - 1 (its N rows: the prompts already repeated for their G samples)."""
+        0 .. prompt_length - 1, with `cache`'s rows (N: the prompts repeated for their G samples; B for
+        packed decoding, one row per prompt). `new_tokens`: the tokens the decoding will feed per row."""
         static = StaticCache(config=unwrap(model).config, max_cache_len=self.cache_length(prompt_length, new_tokens))
         for layer, prompt in zip(static.layers, cache.layers):
             layer.update(prompt.keys, prompt.values)

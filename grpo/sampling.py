@@ -6,7 +6,8 @@ family allows it (otherwise each of the G copies is prefilled), then samples tok
 every completion has ended with one of the family's end-of-turn ids; the family's vision special
 tokens are never sampled. A packing family (`Family.can_pack`) decodes a prompt's G completions in
 one row under a mask; the others repeat the prompt's cache G times. Either way each step's keys and
-values are written into room reserved in the cache (`reserve_cache`).
+values are written into room reserved in the cache (`reserve_cache`), or, with `compile_decode`, into
+a static cache whose shapes never change (`grpo.decoding`).
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
     under DeepSpeed ZeRO-3, where every forward gathers parameters collectively) keeps all
     processes decoding until the last one is done, so a process whose completions end early does
     not leave the others hanging. With a `decoder` (`grpo.decoding`) every decoding step has the same
-    shapes (one token per row, a cache preallocated for the whole completion) and may be compiled;
-    the tokens are the same.
+    shapes (a cache preallocated for the whole completion, masks of one shape; packing families still
+    decode packed) and may be compiled; the tokens are the same.
     """
     device = prompts.input_ids.device
     shared = family.fast_path and shared_prefix
