@@ -169,6 +169,8 @@ class GRPOConfig(ConfigMixin):
         self.sampling_params()  # checks top_p, top_k and max_completion_length
         lora.check_settings(self.lora, "GRPOConfig")
         check_master_weights(self)
+        if self.compile_decode not in (True, False, "auto"):  # before any model is loaded
+            raise ValueError(f"compile_decode must be 'auto', True or False, got {self.compile_decode!r}")
 
     def objective_settings(self) -> dict:
         """The per-token objective's settings, as `grpo_loss` and `check_objective` take them."""

@@ -93,3 +93,5 @@ def test_compile_decode_settings():
     assert wants_compiled_decoding(True, torch.device("cpu")) is True
     with pytest.raises(ValueError, match="compile_decode must be 'auto', True or False"):
         wants_compiled_decoding("yes", torch.device("cpu"))
+    with pytest.raises(ValueError, match="compile_decode must be 'auto', True or False, got 'yes'"):
+        GRPOConfig(compile_decode="yes")
