@@ -25,7 +25,7 @@ bound: the bytes one step must read (the language model's weights and the KV cac
 `decode_bytes_per_step`) over the copy bandwidth of the device measured in the same process.
 `"decode": {"eager": {...}, "compiled": {...}}`: the eager decode loop, and the same rollout through
 `grpo.decoding.StaticDecoder` (static shapes, one compiled forward, CUDA graphs on a GPU; its first
-rollout, the compilation, timed as `warmup_s`), or `{"fallback": why}` where the family decodes eagerly.
+rollout, the compilation, timed as `warmup_s`), or `{"fallback": why}` where the model decodes eagerly.
 
 Memory: full fine-tuning of a 7-8B model in bf16 holds the weights (2 bytes/parameter), their gradients
 and AdamW's two states (6 bytes per trainable parameter), and with beta > 0 a reference copy (2 more);
@@ -365,7 +365,9 @@ def decode_bytes_per_step(model, vision: set[int], fed: list[tuple[int, int]]) -
     Weights: every parameter outside the vision modules (`vision`: their ids), once per step; not the
     input embedding when it is not tied to the output head (a step gathers N of its rows, not the table).
     KV cache: per layer, the keys and values of every slot every row attends, in the model's dtype
-    (a sliding-window layer: at most its window), averaged over the decoding forwards. A packed family
+    (a sliding-window layer: at most its window, though the compiled step's full-length static layer
+    reads every slot under the mask; a linear-attention layer: none, its fixed-size state is not
+    counted), averaged over the decoding forwards. A packed family
     feeds B rows of P + (s + 1) G slots at step s (a prompt's G completions side by side in its row),
     the others N rows of P + s + 1 (the prompt's cache repeated G times); P counts the padding.
     """
@@ -382,8 +384,12 @@ def decode_bytes_per_step(model, vision: set[int], fed: list[tuple[int, int]]) -
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     slot_bytes = 2 * config.num_key_value_heads * head_dim * next(model.parameters()).element_size()  # keys + values
-    slots = sum(rows * sum(min(length, window) if kind == "sliding_attention" and window else length
-                           for kind in layer_types) for rows, length in fed)
+    def attended(kind: str, length: int) -> int:
+        if kind == "sliding_attention" and window:
+            return min(length, window)
+        return 0 if kind == "linear_attention" else length
+
+    slots = sum(rows * sum(attended(kind, length) for kind in layer_types) for rows, length in fed)
     return weight_bytes, slot_bytes * slots // len(fed)
 
 

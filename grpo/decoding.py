@@ -11,8 +11,12 @@ the packed mask with the keys not yet written masked out. The
 model's forward over one such step is then compiled once (`torch.compile`, CUDA graphs on a GPU:
 mode "reduce-overhead") and replayed. Sampling stays outside, in `grpo.sampling`, unchanged.
 
-Families whose cache is not a plain key/value store (sliding-window layers: Gemma 3; linear
-attention: Qwen3.5) and models under DeepSpeed decode eagerly, said once on stderr.
+The other layer kinds keep one shape too. A sliding-window layer (Gemma 3) gets a full-length
+static layer: its prefilled window is written at the prompt's last slots, and transformers' sliding
+mask, which counts cache slots, hides every key outside the window, as the eager cache's window
+does. A linear-attention layer (Qwen3.5) keeps fixed-size conv and recurrent states that the model
+updates in place: the prefilled layer itself goes into the static cache. Models under DeepSpeed, and
+layer kinds beyond these, decode eagerly, said once on stderr.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 
 import torch
 from transformers import StaticCache
+from transformers.cache_utils import LinearAttentionCacheLayerMixin, StaticLayer
 
 from .models import Family, text_config, unwrap
 
@@ -33,6 +38,9 @@ def wants_compiled_decoding(setting, device: torch.device) -> bool:
     if not isinstance(setting, bool):
         raise ValueError(f"compile_decode must be 'auto', True or False, got {setting!r}")
     return setting
+
+
+_STATIC_KINDS = {"full_attention", "sliding_attention", "linear_attention"}  # layer kinds `static_cache` can hold
 
 
 class StaticDecoder:
@@ -50,9 +58,9 @@ class StaticDecoder:
         if model is not unwrap(model) and hasattr(model, "module"):
             return "a DeepSpeed engine (its forward gathers parameters)"
         layer_types = getattr(text_config(unwrap(model).config), "layer_types", None) or ["full_attention"]
-        other = sorted(set(layer_types) - {"full_attention"})
-        if other or getattr(text_config(unwrap(model).config), "use_sliding_window", False):
-            return f"{family.name}'s {', '.join(other) or 'sliding-window'} layers keep no plain key/value cache"
+        other = sorted(set(layer_types) - _STATIC_KINDS)
+        if other:
+            return f"{family.name}'s {', '.join(other)} layers have no static cache here"
         return None
 
     def usable(self, family: Family, model) -> bool:
@@ -70,9 +78,22 @@ class StaticDecoder:
         """A cache of `cache_length` slots holding `cache`'s prompt keys and values, written at slots
         0 .. prompt_length - 1, with `cache`'s rows (N: the prompts repeated for their G samples; B for
         packed decoding, one row per prompt). `new_tokens`: the tokens the decoding will feed per row."""
-        static = StaticCache(config=unwrap(model).config, max_cache_len=self.cache_length(prompt_length, new_tokens))
-        for layer, prompt in zip(static.layers, cache.layers):
-            layer.update(prompt.keys, prompt.values)
+        length = self.cache_length(prompt_length, new_tokens)
+        static = StaticCache(config=unwrap(model).config, max_cache_len=length)
+        for i, prompt in enumerate(cache.layers):
+            if isinstance(prompt, LinearAttentionCacheLayerMixin):  # fixed-size states, updated in place
+                for states in (prompt.conv_states, prompt.recurrent_states):
+                    for state in states.values():
+                        if state is not None:  # repeated for the G samples: a new tensor, its address kept fixed
+                            torch._dynamo.mark_static_address(state)
+                static.layers[i] = prompt
+                continue
+            layer = static.layers[i] = StaticLayer(max_cache_len=length)  # sliding layers too: the mask keeps the window
+            layer.lazy_initialization(prompt.keys, prompt.values)
+            kept = prompt.keys.shape[-2]  # a sliding layer holds only its window's last keys
+            layer.keys[..., prompt_length - kept: prompt_length, :] = prompt.keys
+            layer.values[..., prompt_length - kept: prompt_length, :] = prompt.values
+            layer.cumulative_length.fill_(prompt_length)
         return static
 
     def forward(self, model):

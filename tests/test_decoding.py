@@ -1,9 +1,11 @@
 """Static-shape decoding (grpo/decoding.py) samples exactly the tokens of the eager decoding loop.
 
 Every family's tiny model, greedy and sampled with one seed, shared and plain path: the static path
-(eager forward) gives the same tokens and masks. The compiled forward (CPU inductor here) gives the
-same tokens over a run's steps and compiles once per cache length (counted). A model that fails to
-compile, and a family whose cache is not a plain key/value store, decode eagerly after one notice.
+(eager forward) gives the same tokens and masks, sliding-window (Gemma 3, window 8 against ~40-token
+prompts) and linear-attention (Qwen3.5) layers included. The compiled forward (CPU inductor here)
+gives the same tokens over a run's steps and compiles once per cache length (counted), on a plain
+and on both layered families. A model that fails to compile, and a layer kind without a static
+cache, decode eagerly after one notice.
 """
 
 import copy
@@ -28,12 +30,17 @@ def rows(toy_rows):
     return [toy_rows[0], longer, toy_rows[2]]
 
 
-@pytest.mark.parametrize("family_name", FAMILIES)
-def test_static_decoding_samples_the_eager_loops_tokens(family_name, rows, capsys):
+def tiny_family(family_name: str, rows):
+    """(family, its tiny model in eval mode, the rows' prompts with image features)."""
     model, processor = build_tiny_model_and_processor(seed=0, family=family_name, min_pixels=56 * 56, max_pixels=56 * 56)
     model.eval()
     family = family_for(model, processor, quiet=True)
-    prompts = with_image_features(family, model, encode_prompts(family, rows, [0, 1, 2], 4096))
+    return family, model, with_image_features(family, model, encode_prompts(family, rows, [0, 1, 2], 4096))
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_static_decoding_samples_the_eager_loops_tokens(family_name, rows, capsys):
+    family, model, prompts = tiny_family(family_name, rows)
     decoder = StaticDecoder(compile=False)
     for temperature in (0.0, 1.0):
         params = SamplingParams(max_new_tokens=10, temperature=temperature)
@@ -41,9 +48,8 @@ def test_static_decoding_samples_the_eager_loops_tokens(family_name, rows, capsy
             runs = [generate(family, model, prompts, params, group_size=2, shared_prefix=shared, decoder=d,
                              generator=torch.Generator().manual_seed(3)) for d in (None, decoder)]
             assert torch.equal(runs[0].ids, runs[1].ids) and torch.equal(runs[0].mask, runs[1].mask)
-    falls_back = family_name in ("gemma3", "qwen3_5")  # sliding-window / linear-attention layers
-    assert (decoder.why_not(family, model) is not None) == falls_back
-    assert capsys.readouterr().err.count("decoding eagerly") == (1 if falls_back else 0)  # said once per decoder
+    assert decoder.why_not(family, model) is None  # sliding-window and linear-attention layers included
+    assert "decoding eagerly" not in capsys.readouterr().err
 
 
 def test_compiled_decoding_in_a_run_gives_the_eager_runs_completions_and_compiles_once_per_length(tiny_parts, toy_rows,
@@ -66,6 +72,31 @@ def test_compiled_decoding_in_a_run_gives_the_eager_runs_completions_and_compile
     lengths = {trainer.decoder.cache_length(trainer._prompts(*trainer._rows_for_step(step)).input_ids.shape[1], 8)
                for step in range(3)}
     assert counters["stats"]["unique_graphs"] == len(lengths)  # no recompilation from step to step
+
+
+@pytest.mark.parametrize("family_name", ["gemma3", "qwen3_5"])
+def test_compiled_decoding_of_sliding_window_and_linear_attention_layers_samples_the_eager_tokens(family_name, rows):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    family, model, prompts = tiny_family(family_name, rows)
+    decoder = StaticDecoder(compile=True)
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(max_new_tokens=12, temperature=temperature)
+        eager, compiled = (generate(family, model, prompts, params, group_size=2, decoder=d,
+                                    generator=torch.Generator().manual_seed(3)) for d in (None, decoder))
+        assert torch.equal(eager.ids, compiled.ids) and torch.equal(eager.mask, compiled.mask)
+    assert decoder.compile and counters["stats"]["unique_graphs"] == 1  # compiled (no fallback), once
+
+
+def test_a_layer_kind_without_a_static_cache_decodes_eagerly_after_one_notice(tiny_parts, rows, capsys):
+    model, processor = copy.deepcopy(tiny_parts)
+    model.config.get_text_config().layer_types = ["full_attention", "chunked_attention"]
+    family = family_for(model, processor, quiet=True)
+    decoder = StaticDecoder(compile=False)
+    assert not decoder.usable(family, model) and not decoder.usable(family, model)
+    assert capsys.readouterr().err.count("chunked_attention layers have no static cache here; decoding eagerly") == 1
 
 
 def test_a_model_that_does_not_compile_decodes_eagerly_after_one_notice(tiny_parts, rows, monkeypatch, capsys):

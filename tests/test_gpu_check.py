@@ -43,23 +43,26 @@ def test_gpu_check_tiny_on_cpu(tmp_path, monkeypatch):
 
 
 def check_compiled_decode(gpu_check, name: str, result: dict):
-    """The compiled decode record (grpo.decoding.StaticDecoder): a fallback for Gemma 3's sliding
-    window, else the same quantities, the attention reading the whole preallocated cache at every step."""
+    """The compiled decode record (grpo.decoding.StaticDecoder): the same quantities, the attention
+    reading the whole preallocated cache at every step (a sliding-window layer counted up to its window).
+    Gemma 3 decodes unpacked: N rows, each the prompt and one completion."""
     from grpo.decoding import StaticDecoder
     from grpo.tiny import build_tiny_model_and_processor
 
     compiled = result["decode"]["compiled"]
-    if result["family"] == "gemma3":
-        assert "sliding_attention" in compiled["fallback"]
-        return
-    assert compiled["compile_decode"] == "compiled" and compiled["packed"]
+    assert "fallback" not in compiled, (name, compiled)
+    packed = result["family"] != "gemma3"
+    assert compiled["compile_decode"] == "compiled" and compiled["packed"] == packed
     assert compiled["ms_per_token_step"] > 0 and compiled["warmup_s"] > 0
     assert compiled["decode_tokens_per_s"] == pytest.approx(compiled["completions"] / compiled["ms_per_token_step"] * 1e3)
     config = build_tiny_model_and_processor(family=result["family"])[0].config.get_text_config()
-    length = StaticDecoder().cache_length(compiled["padded_prompt_tokens"],
-                                          compiled["completion_tokens"] * gpu_check.GROUP_SIZE)
+    fed_per_row = compiled["completion_tokens"] * (gpu_check.GROUP_SIZE if packed else 1)
+    length = StaticDecoder().cache_length(compiled["padded_prompt_tokens"], fed_per_row)
+    rows = gpu_check.PROMPTS_PER_STEP * (1 if packed else gpu_check.GROUP_SIZE)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    slots = sum(min(length, config.sliding_window) if kind == "sliding_attention" else length for kind in layer_types)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    expected = gpu_check.PROMPTS_PER_STEP * config.num_hidden_layers * length * 2 * config.num_key_value_heads * head_dim * 4
+    expected = rows * slots * 2 * config.num_key_value_heads * head_dim * 4
     assert compiled["kv_cache_bytes_per_step"] == expected, name
 
 
