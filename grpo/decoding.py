@@ -46,10 +46,12 @@ _STATIC_KINDS = {"full_attention", "sliding_attention", "linear_attention"}  # l
 class StaticDecoder:
     """Static-shape decoding for one run; keeps its compiled forward across rollouts."""
 
-    def __init__(self, compile: bool = True, bucket: int = 64, mode: str | None = None):
+    def __init__(self, compile: bool = True, bucket: int = 64, mode: str | None = None, keep_caches: int = 8):
         self.compile = compile
         self.bucket = bucket
         self.mode = mode
+        self.keep_caches = keep_caches  # static caches kept for reuse, one per (length, rows, dtype)
+        self._caches: dict[tuple, StaticCache] = {}
         self._compiled = None  # (model, its compiled forward)
         self._told: set[str] = set()
 
@@ -77,23 +79,41 @@ class StaticDecoder:
     def static_cache(self, model, cache, prompt_length: int, new_tokens: int) -> StaticCache:
         """A cache of `cache_length` slots holding `cache`'s prompt keys and values, written at slots
         0 .. prompt_length - 1, with `cache`'s rows (N: the prompts repeated for their G samples; B for
-        packed decoding, one row per prompt). `new_tokens`: the tokens the decoding will feed per row."""
+        packed decoding, one row per prompt). `new_tokens`: the tokens the decoding will feed per row.
+
+        The cache of a shape is made once and refilled by later rollouts of that shape: a CUDA graph
+        reads and writes its buffers at fixed addresses, and new buffers at every rollout would have
+        the graph recorded again each time (and, past torch's limit on re-recordings, not replayed)."""
         length = self.cache_length(prompt_length, new_tokens)
-        static = StaticCache(config=unwrap(model).config, max_cache_len=length)
-        for i, prompt in enumerate(cache.layers):
-            if isinstance(prompt, LinearAttentionCacheLayerMixin):  # fixed-size states, updated in place
-                for states in (prompt.conv_states, prompt.recurrent_states):
-                    for state in states.values():
-                        if state is not None:  # repeated for the G samples: a new tensor, its address kept fixed
-                            torch._dynamo.mark_static_address(state)
-                static.layers[i] = prompt
+        first = cache.layers[0]
+        rows = (_states(first) if isinstance(first, LinearAttentionCacheLayerMixin) else [first.keys])[0].shape[0]
+        key = (length, rows, unwrap(model).dtype)
+        static = self._caches.pop(key, None)
+        if static is None:
+            static = StaticCache(config=unwrap(model).config, max_cache_len=length)
+            for i, prompt in enumerate(cache.layers):
+                if isinstance(prompt, LinearAttentionCacheLayerMixin):  # fixed-size states, updated in place
+                    for state in _states(prompt):  # repeated for the G samples: new tensors, their addresses fixed now
+                        torch._dynamo.mark_static_address(state)
+                    static.layers[i] = prompt
+                else:  # sliding layers too, at full length: the mask keeps the window
+                    static.layers[i] = StaticLayer(max_cache_len=length)
+                    static.layers[i].lazy_initialization(prompt.keys, prompt.values)
+        for layer, prompt in zip(static.layers, cache.layers):
+            if isinstance(prompt, LinearAttentionCacheLayerMixin):
+                if layer is not prompt:
+                    for mine, new in zip(_states(layer), _states(prompt)):
+                        mine.copy_(new)
+                    layer.cumulative_length_linear.copy_(prompt.cumulative_length_linear)
                 continue
-            layer = static.layers[i] = StaticLayer(max_cache_len=length)  # sliding layers too: the mask keeps the window
-            layer.lazy_initialization(prompt.keys, prompt.values)
             kept = prompt.keys.shape[-2]  # a sliding layer holds only its window's last keys
-            layer.keys[..., prompt_length - kept: prompt_length, :] = prompt.keys
-            layer.values[..., prompt_length - kept: prompt_length, :] = prompt.values
+            for buffer, prefilled in ((layer.keys, prompt.keys), (layer.values, prompt.values)):
+                buffer.zero_()  # what an earlier rollout left is masked, but a fresh cache is exactly today's
+                buffer[..., prompt_length - kept: prompt_length, :] = prefilled
             layer.cumulative_length.fill_(prompt_length)
+        self._caches[key] = static  # the most recently used last
+        while len(self._caches) > self.keep_caches:
+            self._caches.pop(next(iter(self._caches)))
         return static
 
     def forward(self, model):
@@ -118,3 +138,9 @@ class StaticDecoder:
             print(f"[grpo] compile_decode: {type(unwrap(model)).__name__} did not compile ({type(error).__name__}: "
                   f"{str(error).splitlines()[0][:200]}); decoding eagerly", file=sys.stderr)
             return model(**inputs)
+
+
+def _states(layer) -> list[torch.Tensor]:
+    """The conv and recurrent state tensors a linear-attention cache layer holds."""
+    return [state for states in (layer.conv_states, layer.recurrent_states) for state in states.values()
+            if state is not None]

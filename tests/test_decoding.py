@@ -49,6 +49,16 @@ def test_static_decoding_samples_the_eager_loops_tokens(family_name, rows, capsy
                              generator=torch.Generator().manual_seed(3)) for d in (None, decoder)]
             assert torch.equal(runs[0].ids, runs[1].ids) and torch.equal(runs[0].mask, runs[1].mask)
     assert decoder.why_not(family, model) is None  # sliding-window and linear-attention layers included
+    # A later rollout of the same shape refills the same buffers (a CUDA graph's fixed addresses), from other prompts.
+    buffers = {id(cache): [id(t) for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t)]
+               for cache in decoder._caches.values()}
+    others = with_image_features(family, model, encode_prompts(family, rows, [2, 0, 1], 4096))
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    runs = [generate(family, model, others, params, group_size=2, decoder=d, generator=torch.Generator().manual_seed(5))
+            for d in (None, decoder)]
+    assert torch.equal(runs[0].ids, runs[1].ids) and torch.equal(runs[0].mask, runs[1].mask)
+    assert {id(cache): [id(t) for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t)]
+            for cache in decoder._caches.values()} == buffers
     assert "decoding eagerly" not in capsys.readouterr().err
 
 
