@@ -27,11 +27,14 @@ from grpo.logprobs import with_image_features  # noqa: E402
 from grpo.models import family_for  # noqa: E402
 from grpo.prompts import encode_prompts  # noqa: E402
 from grpo.sampling import SamplingParams, generate  # noqa: E402
+from grpo.tiny import FAMILIES  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(common.CONFIGS), default="tiny")
+    parser.add_argument("--family", choices=FAMILIES, default=common.DEFAULT_FAMILY,
+                        help="the config's shape built as this family's model (benchmarks/common.py)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
@@ -41,11 +44,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shape = common.CONFIGS[args.config]
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    model, processor = common.build(args.config)
+    model, processor = common.build(args.config, args.family)
     model.eval()
     family = family_for(model, processor)
     G, C, B = shape["group_size"], shape["max_completion_length"], shape["prompts_per_step"]
-    rows = common.rows_for(args.config, B)
+    rows = common.rows_for(args.config, B, args.family)
     prompts = encode_prompts(family, rows, list(range(B)), max_prompt_length=4096)
     eos, pad = family.eos_ids, family.pad_id
     family.forbidden_ids = suppressed = family.forbidden_ids + eos  # every completion runs to the limit: same work
@@ -83,7 +86,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
         print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in sides), flush=True)
     tokens = B * G * C
-    report = {"benchmark": "rollout", "config": args.config, "shape": shape, "model": common.describe(model, processor),
+    report = {"benchmark": "rollout", "config": args.config, "family": args.family, "shape": shape,
+              "model": common.describe(model, processor, args.config, args.family),
               "tokens_per_rollout": tokens,
               "prompt_tokens": int(prompts.attention_mask.sum(1).max()), "started": started, "machine": common.machine(),
               "threads": args.threads, "repeats": args.repeats, "compile_decode": args.compile_decode,

@@ -67,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--train-vision-tower", action="store_true",
                         help="train the random vision tower too (default: frozen in every stage, as the paper freezes its pretrained one)")
     parser.add_argument("--max-completion-length", type=int, default=64)
+    parser.add_argument("--compile-decode", choices=["auto", "on", "off"], default="auto",
+                        help="GRPO and evaluation decode through a compiled static-shape step (auto: on CUDA only)")
     parser.add_argument("--lora", choices=["continue", "merge"], default=None,
                         help="LoRA (rank 16) instead of full fine-tuning: GRPO continues the SFT adapter (its reference "
                              "is the SFT model), or trains a fresh adapter on the merged SFT model")
@@ -122,6 +124,10 @@ def sft_config(args, output_dir: str, steps: int) -> SFTConfig:
                      overwrite_output_dir=args.stage == "all" or args.overwrite, lora=lora_settings(args))
 
 
+def compile_setting(args) -> bool | str:
+    return {"on": True, "off": False}.get(args.compile_decode, "auto")
+
+
 def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0, lora=None) -> GRPOConfig:
     # The paper's G=4 and beta=0.04; the vision tower frozen as in SFT. Warmup, then cosine decay: Adam's
     # first updates move every weight by about the full learning rate whatever its gradient, and at a
@@ -132,7 +138,8 @@ def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0, lora=Non
                       max_completion_length=args.max_completion_length, learning_rate=args.grpo_lr, lr_scheduler="cosine",
                       warmup_steps=args.grpo_warmup, beta=0.04,
                       max_steps=steps, seed=args.seed, save_steps=0, eval_steps=eval_steps, eval_batch_size=100,
-                      deepspeed=args.deepspeed, overwrite_output_dir=args.stage == "all" or args.overwrite, lora=lora)
+                      deepspeed=args.deepspeed, overwrite_output_dir=args.stage == "all" or args.overwrite, lora=lora,
+                      compile_decode=compile_setting(args))
 
 
 def stage_result(result: dict) -> dict:
@@ -188,7 +195,7 @@ def run_stages(args, model, processor, sft_rows, rl_rows, test_rows, judge, t_st
 
     def run_eval(name, m):
         result = evaluate(m, processor, test_rows, scorers, batch_size=100, max_completion_length=args.max_completion_length,
-                          output_path=os.path.join(out, f"eval_{name}.jsonl"))
+                          output_path=os.path.join(out, f"eval_{name}.jsonl"), compile_decode=compile_setting(args))
         print(f"[{name}] held-out accuracy {result['accuracy']:.3f}, format {result['format_reward']:.3f}, "
               f"tokens {result['mean_completion_tokens']:.1f}, judge {result['judge']:.3f}")
         return stage_result(result)

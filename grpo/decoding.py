@@ -32,7 +32,8 @@ from .models import Family, text_config, unwrap
 
 def wants_compiled_decoding(setting, device: torch.device) -> bool:
     """`compile_decode` resolved: "auto" is on for CUDA (CUDA graphs) and off on the CPU, where
-    compiling (8-16 s per cache length on 2 cores) buys a rollout only 1.1-1.5x (benchmarks/README.md)."""
+    compiling (8-16 s per cache length on 2 cores) buys a rollout only 1.1-1.5x (benchmarks/README.md)
+    and a short run spends more on compiling than it saves."""
     if setting == "auto":
         return torch.device(device).type == "cuda"
     if not isinstance(setting, bool):
@@ -52,6 +53,7 @@ class StaticDecoder:
         self.mode = mode
         self.keep_caches = keep_caches  # static caches kept for reuse, one per (length, rows, dtype)
         self._caches: dict[tuple, StaticCache] = {}
+        self._shapes: set[tuple] = set()  # (length, rows, dtype) decoded so far
         self._compiled = None  # (model, its compiled forward)
         self._told: set[str] = set()
 
@@ -89,6 +91,10 @@ class StaticDecoder:
         rows = (_states(first) if isinstance(first, LinearAttentionCacheLayerMixin) else [first.keys])[0].shape[0]
         key = (length, rows, unwrap(model).dtype)
         static = self._caches.pop(key, None)
+        if self.compile and key not in self._shapes:  # a compilation (CUDA graphs: a recording) is coming: say so
+            self._shapes.add(key)
+            print(f"[grpo] compile_decode: compiling the decoding step for {rows} rows x {length} cache slots "
+                  f"(once per shape)", file=sys.stderr, flush=True)
         if static is None:
             static = StaticCache(config=unwrap(model).config, max_cache_len=length)
             for i, prompt in enumerate(cache.layers):
@@ -123,6 +129,9 @@ class StaticDecoder:
             return model
         if self._compiled is None or self._compiled[0] is not model:
             mode = self.mode or ("reduce-overhead" if next(unwrap(model).parameters()).is_cuda else None)
+            # One graph per cache length and row count (training and evaluation batches, bucketed prompt
+            # lengths): more than torch's default of 8 per function, past which it would decode eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._compiled = (model, torch.compile(model, dynamic=False, mode=mode))
         return self._compiled[1]
 

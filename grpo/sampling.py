@@ -129,12 +129,13 @@ def generate(family: Family, model, prompts: PromptBatch, params: SamplingParams
             key_slot = torch.arange(length, device=device)
     n = logits.shape[0]
     eos = torch.tensor(family.eos_ids, device=device)
+    forbidden = torch.tensor(family.forbidden_ids, dtype=torch.long, device=device)  # made once, not at every step
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens = []
     with _grouped_attention(device) if packed else contextlib.nullcontext():
         for step in range(params.max_new_tokens):
-            if family.forbidden_ids:
-                logits[:, family.forbidden_ids] = float("-inf")
+            if len(forbidden):
+                logits.index_fill_(1, forbidden, float("-inf"))
             token = sample_tokens(logits, params, generator)
             token = torch.where(finished, torch.full_like(token, family.pad_id), token)
             tokens.append(token)
