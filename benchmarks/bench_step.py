@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 SIDES = ("ours", "trl", "ours-plain", "ours-lora")
-LORA = {"r": 16, "alpha": 32}  # --lora: our step with a rank-16 adapter on the language model (README: LoRA)
+LORA = {"r": 16, "alpha": 32}  # --lora: our step with a rank-16 adapter on the language model (docs/lora.md)
 
 
 def length_reward(prompts, completions, **columns):

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import make_toy_dataset, to_prompt_rows  # noqa: E402
 from grpo.models import family_for  # noqa: E402
 from grpo.prompts import encode_prompts  # noqa: E402
-from grpo.tiny import (FAMILIES, build_processor, build_tiny_model_and_processor, build_tiny_tokenizer,  # noqa: E402
-                       model_from_config, tiny_config)
+from grpo.models.qwen2_vl import qwen2_5_vl_config, qwen2_5_vl_processor  # noqa: E402
+from grpo.tiny import FAMILIES, build_tiny_model_and_processor, build_tiny_tokenizer, model_from_config  # noqa: E402
 
 # name -> model and workload shape. paper-shape-small keeps the paper's proportions at CPU size:
 # ~256 visual tokens per prompt (448 x 448 image), short answers (64 tokens), a model of tens of
@@ -85,8 +85,8 @@ def build(name: str, family: str = DEFAULT_FAMILY):
     corpus = [row["question"] + " " + " ".join(row["options"]) + " " + row["explanation"] for row in rows]
     tokenizer = build_tiny_tokenizer(corpus, vocab_size=shape["max_vocab_size"])
     pixels = shape["image_size"] ** 2
-    processor = build_processor(tokenizer, min_pixels=pixels, max_pixels=pixels)
-    config = tiny_config(tokenizer, hidden_size=shape["hidden_size"], num_layers=shape["num_layers"],
+    processor = qwen2_5_vl_processor(tokenizer, min_pixels=pixels, max_pixels=pixels)
+    config = qwen2_5_vl_config(tokenizer, hidden_size=shape["hidden_size"], num_layers=shape["num_layers"],
                          vision_depth=(shape["vision"] or {}).get("depth", 2))
     for key, value in (shape["vision"] or {}).items():
         setattr(config.vision_config, key, value)

@@ -74,7 +74,7 @@ def run_child(output_dir: str, toy_args: list[str], save_steps: int) -> None:
     import toy_pathology
     from grpo import Trainer
     from grpo.resilience import RunGuard
-    from grpo.training import resolve_checkpoint
+    from grpo.checkpoints import resolve_checkpoint
     from rewards import accuracy_reward, format_reward
 
     torch.set_num_threads(1)

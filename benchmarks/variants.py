@@ -36,10 +36,10 @@ import common  # noqa: E402
 import toy_pathology as demo  # noqa: E402
 
 from grpo import Trainer, evaluate  # noqa: E402
-from grpo.training import list_checkpoints  # noqa: E402
+from grpo.checkpoints import list_checkpoints  # noqa: E402
 from rewards import accuracy_reward, format_reward, overlong_penalty  # noqa: E402
 
-# name -> the GRPOConfig settings that make the variant (README "The objective" has the formulas).
+# name -> the GRPOConfig settings that make the variant (docs/objective.md has the formulas).
 VARIANTS = {
     "GRPO": {},
     "Dr. GRPO": dict(loss_type="dr_grpo", scale_rewards="none"),

@@ -1,4 +1,4 @@
-"""Loaders and system prompts by name, for config files (`python -m grpo`, README "The command line").
+"""Loaders and system prompts by name, for config files (`python -m grpo`, docs/command-line.md).
 
 A loader returns rows (id, image or images, question, options, solution, ...); its keyword arguments are
 the settings a config gives it. A new loader or prompt is one line here.
@@ -16,7 +16,7 @@ LOADERS = {
     "pathmmu": load_pathmmu,  # root, subsets, splits, ...
     "omnimedvqa": load_omnimedvqa,  # root, datasets, ...
     "toy": make_toy_dataset,  # the synthetic pathology set: n, seed, image_size, families
-    "vqa_rad": load_vqa_rad,  # the medical VQA benchmarks (README "Medical VQA benchmarks"): root, splits, ...
+    "vqa_rad": load_vqa_rad,  # the medical VQA benchmarks (docs/data.md, "Medical VQA benchmarks"): root, splits, ...
     "pathvqa": load_pathvqa,
     "slake": load_slake,
     "pmc_vqa": load_pmc_vqa,

@@ -48,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-steps", type=int, default=None, help="override the stage's step count")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl",
-                        help="the tiny model's architecture (README: Model families)")
+                        help="the tiny model's architecture (docs/families.md)")
     parser.add_argument("--families", default="stain",
                         help=f"comma-separated question families among {', '.join(TOY_FAMILIES)}")
     parser.add_argument("--image-size", type=int, default=56)
@@ -86,7 +86,7 @@ def toy_rows(count: int, seed: int, args, source: str) -> list[dict]:
 def build_data(args):
     # SFT sees few items (explanations are the costly labels), GRPO many (answers only): with 500 SFT
     # items the purple class was learned late or never on some seeds, and GRPO cannot find a class its
-    # starting model never samples (README: The demo).
+    # starting model never samples (docs/results.md: The demo).
     sft_rows = toy_rows(args.sft_items, args.seed, args, "toy-sft")
     rl_rows = toy_rows(args.rl_items, args.seed + 1, args, "toy-rl")
     test_rows = toy_rows(args.test_items, args.seed + 2, args, "toy-test")
@@ -109,7 +109,7 @@ def build_model(args, sft_rows):
 def lora_settings(args) -> dict | None:
     # The toy's output head is random, not pretrained: it trains whole (its random logits are too flat
     # for an adapter to steer). The adapter covers the vision tower only with --train-vision-tower.
-    # Dropout 0.05, as in PEFT's examples (the library's default is 0: README, LoRA).
+    # Dropout 0.05, as in PEFT's examples (the library's default is 0: docs/lora.md).
     return ({"r": 16, "alpha": 32, "dropout": 0.05, "lora_vision": args.train_vision_tower,
              "modules_to_save": ["lm_head"]} if args.lora else None)
 
@@ -131,7 +131,7 @@ def compile_setting(args) -> bool | str:
 def grpo_config(args, output_dir: str, steps: int, eval_steps: int = 0, lora=None) -> GRPOConfig:
     # The paper's G=4 and beta=0.04; the vision tower frozen as in SFT. Warmup, then cosine decay: Adam's
     # first updates move every weight by about the full learning rate whatever its gradient, and at a
-    # constant 5e-4 one class could collapse early or late in the run (README: The demo).
+    # constant 5e-4 one class could collapse early or late in the run (docs/results.md: The demo).
     return GRPOConfig(output_dir=output_dir, group_size=4, prompts_per_step=args.prompts_per_step,
                       temperature=args.temperature, freeze_vision_tower=not args.train_vision_tower,
                       completions_per_micro_batch=16 if args.deepspeed else 4 * args.prompts_per_step,

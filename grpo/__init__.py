@@ -2,7 +2,7 @@
 
 from .evaluate import evaluate
 from .logprobs import completion_logprobs
-from .lora import merge_lora
+from .loading import merge_lora
 from .objective import group_advantages, grpo_loss, high_entropy_mask, kl_k3
 from .sampling import SamplingParams
 from .sft import SFTConfig, SFTTrainer

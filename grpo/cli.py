@@ -2,7 +2,7 @@
 
 The YAML file names the model, the data, the prompt, the rewards and each command's settings; `--help`
 lists every key. A key that is unknown or of the wrong type, or a file that is missing, is an error
-naming the key and the config file. README "The command line" has a complete example.
+naming the key and the config file. docs/command-line.md has a complete example.
 
 This is where the library meets the repository's `data/` (rows, prompts) and `rewards/` packages, as
 the examples do; since `python -m grpo` must live in `grpo/`, it imports them only inside the functions
@@ -27,7 +27,8 @@ from .models import family_class
 from .scoring import reward_name
 from .sft import SFTConfig, SFTTrainer
 from .trainer import GRPOConfig, Trainer
-from .training import check_output_dir, load_model, load_processor, resolve_model
+from .checkpoints import check_output_dir, resolve_model
+from .loading import load_model, load_processor
 
 PAPER_REWARDS = {"format": 1.0, "accuracy": 1.0}
 
@@ -57,15 +58,15 @@ class DataConfig(ConfigMixin):
 class PromptConfig(ConfigMixin):
     """`prompt:`: the think/answer format of the paper, with a system turn."""
 
-    system: str | None = "pathology"  # a named system prompt, your own text, or null for none (README: System prompts)
+    system: str | None = "pathology"  # a named system prompt, your own text, or null for none (docs/families.md: System prompts)
     # The chat template's arguments for every command (sft, grpo, evaluate), e.g. {enable_thinking: true}
-    # to train the think/answer format on Qwen3.5 (README: Real checkpoints).
+    # to train the think/answer format on Qwen3.5 (docs/families.md: Real checkpoints).
     chat_template_kwargs: dict | None = None
 
 
 @dataclass
 class EvaluateConfig(ConfigMixin):
-    """`evaluate:`: greedy decoding of data.eval, scored by the rewards (README "The command line")."""
+    """`evaluate:`: greedy decoding of data.eval, scored by the rewards (docs/command-line.md)."""
 
     output_dir: str = "runs/eval"  # records.jsonl (one line per row) and summary.json go here
     batch_size: int = 32  # rows decoded together
@@ -73,7 +74,7 @@ class EvaluateConfig(ConfigMixin):
     max_completion_length: int = 1024  # new tokens per row
     dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
     resume: bool = False  # keep the records already in output_dir and decode only the other rows
-    compile_decode: bool | str = False  # static-shape decoding through a compiled forward: True | False | auto (CUDA only)
+    compile_decode: bool | str = "auto"  # static-shape decoding through a compiled forward: auto (on for CUDA) | True | False
     accuracy: str | None = None  # reward reported as accuracy (answer, answer_reward); None: first marked is_accuracy
 
 

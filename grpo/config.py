@@ -68,7 +68,16 @@ def save_yaml(values: dict, path: str) -> None:
 
 def field_docs(cls) -> dict[str, str]:
     """field -> its one-line doc: the comment after the field in the class's source, else the first sentence
-    of a comment block of several lines just above it (a one-line comment above is a section heading)."""
+    of a comment block of several lines just above it (a one-line comment above is a section heading).
+    A field a subclass restates without a doc keeps its base class's."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass) and "__dataclass_fields__" in vars(klass):
+            docs.update({name: doc for name, doc in _own_field_docs(klass).items() if doc or name not in docs})
+    return docs
+
+
+def _own_field_docs(cls) -> dict[str, str]:
     docs, above = {}, []
     for line in inspect.getsource(cls).splitlines()[1:]:
         text = line.strip()

@@ -14,7 +14,7 @@ from .sampling import GREEDY, decode_completions, generate
 from .scoring import call_reward_functions, reward_columns, reward_name
 from .decoding import StaticDecoder, wants_compiled_decoding
 from .templates import check_reasoning_fits
-from .training import Progress
+from .tracking import Progress
 
 
 def accuracy_name(reward_funcs, accuracy: str | None = None) -> str | None:
@@ -34,7 +34,7 @@ def accuracy_name(reward_funcs, accuracy: str | None = None) -> str | None:
 def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, max_completion_length: int = 1024,
              max_prompt_length: int = 4096, output_path: str | None = None, resume: bool = False,
              progress: str | None = None, synced: bool = False, accuracy: str | None = None,
-             chat_template_kwargs: dict | None = None, compile_decode: bool | str = False,
+             chat_template_kwargs: dict | None = None, compile_decode: bool | str = "auto",
              decoder: StaticDecoder | None = None) -> dict:
     """Greedy-decode every row and score it.
 
@@ -46,7 +46,7 @@ def evaluate(model, processor, dataset, reward_funcs, *, batch_size: int = 32, m
     records already in `output_path` are kept and their rows (matched by `id`, else by index) are not
     decoded again. `progress`: a label to show a progress line on stderr with. `synced`: keep
     processes decoding in lockstep (DeepSpeed ZeRO-3, where every process evaluates the same rows).
-    `chat_template_kwargs`: template arguments for the prompts (as in training: README "Real checkpoints").
+    `chat_template_kwargs`: template arguments for the prompts (as in training: docs/families.md, Real checkpoints).
     `compile_decode`: decode with static shapes through a compiled forward (`grpo.decoding`; "auto": on
     CUDA only), or pass the `decoder` of a run that already compiled one.
     """

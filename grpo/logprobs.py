@@ -66,10 +66,12 @@ def prefill(family: Family, model, prompts: PromptBatch, logits_to_keep: int = 1
 
 
 def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, with_entropy: bool = False):
-    """log softmax(logits / T) at `ids`, [N, C] fp32, one row at a time (no [N, C, V] fp32 tensor).
+    """log softmax(logits / temperature) at `ids`, [N, C] fp32, one row at a time (no [N, C, V] fp32
+    tensor).
 
     `with_entropy=True` returns (log-probs, entropies): also each position's predictive entropy
-    -sum_v p log p of softmax(logits / T), [N, C] fp32, from the same row (for `high_entropy_mask`).
+    -sum_v p log p of softmax(logits / temperature), [N, C] fp32, from the same row (for
+    `high_entropy_mask`).
     """
     rows, entropies = [], []
     for row_logits, row_ids in zip(logits, ids):
@@ -150,8 +152,8 @@ def packed_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: l
     own earlier tokens only.
 
     Row b of the forward is prompt b (left-padded, P tokens), then K slots of C - 1 tokens, slot k
-    holding the k-th completion of prompt b (K: the most completions any prompt has; an unused slot
-    is padding that only sees itself). Each slot takes the positions that continue its prompt, as
+    holding the k-th completion of prompt b (K: the most completions any prompt has, G in a training
+    step; an unused slot is padding that only sees itself). Each slot takes the positions that continue its prompt, as
     in the rollout. Against the cached path this keeps one copy of the prompt's keys and values per
     prompt instead of one per completion, and it runs under gradient checkpointing (which turns the
     KV cache off). Needs a family whose layers all attend fully (`Family.can_pack`).
@@ -162,31 +164,31 @@ def packed_logprobs(family: Family, model, prompts: PromptBatch, prompt_index: l
     slots: list[list[int]] = [[] for _ in range(B)]  # completion indices of each prompt, in order
     for i, b in enumerate(prompt_index):
         slots[b].append(i)
-    K, T = max(len(s) for s in slots), C - 1  # slots per prompt, tokens fed per slot
-    ids = torch.full((B, K, T), family.pad_id, dtype=completion_ids.dtype, device=device)
+    K, fed = max(len(s) for s in slots), C - 1  # slots per prompt, tokens fed per slot
+    ids = torch.full((B, K, fed), family.pad_id, dtype=completion_ids.dtype, device=device)
     for b, members in enumerate(slots):
         ids[b, : len(members)] = completion_ids[members, :-1]
-    input_ids = torch.cat([prompts.input_ids, ids.view(B, K * T)], dim=1)
+    input_ids = torch.cat([prompts.input_ids, ids.view(B, K * fed)], dim=1)  # [B, P + K (C - 1)]
     positions = family.positions(model, prompts.input_ids, prompts.token_types, prompts.pixel_inputs(),
                                  prompts.attention_mask)
-    continuation = family.continuation_positions(family.next_position(positions), T)  # [(3,) B, T]
+    continuation = family.continuation_positions(family.next_position(positions), fed)  # [(3,) B, C - 1]
     positions = torch.cat([positions, continuation.repeat(*([1] * (continuation.dim() - 1)), K)], dim=-1)
     token_types = torch.cat([prompts.token_types, torch.zeros_like(input_ids[:, P:])], dim=1)
     out = model(
         input_ids=input_ids,
-        attention_mask=packed_mask(prompts.attention_mask, K, T, family.attention_implementation(model),
+        attention_mask=packed_mask(prompts.attention_mask, K, fed, family.attention_implementation(model),
                                    unwrap(model).dtype),
         position_ids=positions,
         use_cache=False,
-        logits_to_keep=K * T + 1,
+        logits_to_keep=K * fed + 1,
         **family.forward_kwargs(token_types),
         **vision_kwargs(family, prompts),
     )
     # The last prompt position predicts every completion's first token; slot position t its token t + 1.
     index = torch.as_tensor(prompt_index, device=device)
     parts = [gather_logprobs(out.logits[index, 0][:, None], completion_ids[:, :1], temperature, with_entropy)]
-    if T:
-        slot_logits = out.logits[:, 1:].view(B, K, T, -1)
+    if fed:
+        slot_logits = out.logits[:, 1:].view(B, K, fed, -1)  # [B, K, C - 1, V]
         rest = [gather_logprobs(slot_logits[b, : len(members)], completion_ids[members, 1:], temperature, with_entropy)
                 for b, members in enumerate(slots) if members]
         order = torch.as_tensor([i for members in slots for i in members], device=device)
@@ -206,46 +208,46 @@ def packed_mask(prompt_mask: torch.Tensor, slots: int, length: int, implementati
     """The attention mask of a packed row: the prompt (left-padded, `prompt_mask` [B, P]) followed by
     `slots` completions of `length` tokens each.
 
-    For `packed_logprobs` (slot-major: slot 1's tokens, then slot 2's, ...): [B, 1, L, L], L = P +
-    slots * length; a prompt token sees the real prompt tokens up to itself, a completion token the
+    For `packed_logprobs` (slot-major: slot 1's tokens, then slot 2's, ...): [B, 1, W, W], W = P +
+    slots * length the packed row's width; a prompt token sees the real prompt tokens up to itself, a completion token the
     real prompt tokens and its own slot's tokens up to itself, and every token itself (a padding row
     must see something). With `decoding` (step-major: step 0's `slots` tokens, then step 1's, ...;
-    one query per slot): [B, 1, slots, L], the query of slot g seeing the real prompt tokens and
+    one query per slot): [B, 1, slots, W], the query of slot g seeing the real prompt tokens and
     every key of slot g; the caller cuts the keys to the steps fed so far. Boolean (True: attend)
     for sdpa, additive (0 / the dtype's minimum) for eager attention.
     """
     B, P = prompt_mask.shape
     device = prompt_mask.device
-    L = P + slots * length
-    real_key = torch.cat([prompt_mask.bool(), torch.ones(B, L - P, dtype=torch.bool, device=device)], dim=1)
+    W = P + slots * length
+    real_key = torch.cat([prompt_mask.bool(), torch.ones(B, W - P, dtype=torch.bool, device=device)], dim=1)
     if decoding:
         key_slot = torch.cat([torch.full((P,), -1, device=device), torch.arange(slots, device=device).repeat(length)])
         sees = (key_slot[None, :] == torch.arange(slots, device=device)[:, None]) | (key_slot[None, :] == -1)
-        mask = sees[None] & real_key[:, None, :]  # [B, slots, L]
+        mask = sees[None] & real_key[:, None, :]  # [B, slots, W]
     else:
-        seq = torch.arange(L, device=device)
+        seq = torch.arange(W, device=device)
         slot = torch.cat([torch.full((P,), -1, device=device),
                           torch.arange(slots, device=device).repeat_interleave(length)])
-        causal = seq[None, :] <= seq[:, None]  # [L, L] key <= query
+        causal = seq[None, :] <= seq[:, None]  # [W, W] key <= query
         same_part = (slot[None, :] == slot[:, None]) | (slot[None, :] == -1)  # own slot, or the prompt
         mask = (causal & same_part)[None] & real_key[:, None, :]
-        mask = mask | torch.eye(L, dtype=torch.bool, device=device)[None]
-    mask = mask[:, None]  # [B, 1, queries, L]
+        mask = mask | torch.eye(W, dtype=torch.bool, device=device)[None]
+    mask = mask[:, None]  # [B, 1, queries, W]
     if implementation == "sdpa":
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def _packing_pays(prompts: PromptBatch, prompt_index: list[int], length: int) -> bool:
-    """Whether the packed forward's attention ([P + K T]^2 per prompt: the mask is dense) is at most
-    twice the cached path's (P^2 + K T (P + T)), T = length - 1 tokens fed per completion, K per
-    prompt. Short completions (the benchmark's 64 after a 460-token prompt: 1.5x) pack; G long
+    """Whether the packed forward's attention ((P + K (C - 1))^2 per prompt: the mask is dense) is at
+    most twice the cached path's (P^2 + K (C - 1) (P + C - 1)); C - 1 tokens are fed per completion
+    (C = `length`), K completions per prompt (G in a training step). Short completions (the benchmark's 64 after a 460-token prompt: 1.5x) pack; G long
     ones do not (4 x 1024 after 1024: 2.8x), and there the cached path's per-completion copy of the
     prompt's keys and values is small beside the weights anyway. Under gradient checkpointing the
     packed forward runs whatever this says: the cached one cannot run there."""
-    P, T = prompts.input_ids.shape[1], length - 1
+    P, fed = prompts.input_ids.shape[1], length - 1
     K = max(prompt_index.count(b) for b in set(prompt_index))
-    return (P + K * T) ** 2 <= 2 * (P * P + K * T * (P + T))
+    return (P + K * fed) ** 2 <= 2 * (P * P + K * fed * (P + fed))
 
 
 def _checkpointing(model) -> bool:

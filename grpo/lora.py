@@ -14,7 +14,7 @@ None, so forward kwargs pass through untouched) whose only trainable weights are
               switches to it. Either way the reference is the policy as the run started.
   files       checkpoints hold the adapter in PEFT's own layout (`adapter_config.json`,
               `adapter_model.safetensors`), loadable by `PeftModel.from_pretrained(base, path)`;
-              `merge_lora` writes a plain merged model.
+              `grpo.loading.merge_lora` writes a plain merged model.
 """
 
 from __future__ import annotations
@@ -247,24 +247,3 @@ def load_adapter_weights(model, directory: str) -> None:
     if missing:
         raise ValueError(f"{directory}: adapter weights {missing[:4]} fit no layer of the model")
 
-
-def merge_lora(checkpoint_dir: str, output_dir: str, base_model=None, dtype: str = "auto") -> str:
-    """Write base + the adapter of `checkpoint_dir`, merged, as a plain `save_pretrained` model (and
-    the checkpoint's processor) into `output_dir`, for serving or evaluation without peft.
-
-    `base_model`: a loaded model, a hub name or a directory; by default the one the adapter's
-    `adapter_config.json` names.
-    """
-    from .training import load_model, load_processor
-
-    base = load_model(base_model if base_model is not None else base_model_of(checkpoint_dir), dtype)
-    merged = with_adapter(base, checkpoint_dir, trainable=False).merge_and_unload()
-    os.makedirs(output_dir, exist_ok=True)
-    merged.save_pretrained(output_dir, safe_serialization=True)
-    try:
-        processor = load_processor(None, checkpoint_dir)
-    except (OSError, ValueError):  # a bare adapter directory: the base model's processor
-        processor = load_processor(base_model if isinstance(base_model, (str, os.PathLike)) else None,
-                                   base_model_of(checkpoint_dir))
-    processor.save_pretrained(output_dir)
-    return output_dir

@@ -1,14 +1,24 @@
 """The GRPO objective and its 2025-26 variants as pure tensor functions (no model, no trainer).
 
-Notation follows the paper / DeepSeekMath (README "The objective" has every formula and its source):
+Notation follows the paper / DeepSeekMath (docs/objective.md has every formula and its source):
 G completions per prompt, rewards r_i, group advantages A_i, ratio rho = exp(logp_theta - logp_old),
 a per-token policy term (`policy_loss`: clip, cispo, sapo) plus beta * k3 KL, aggregated over tokens
 by `loss_type` (grpo, bnpo, dr_grpo, dapo): every policy term combines with every aggregation.
 Every function here is unit-tested against an independent float64 computation.
-"""
 
+Shapes, in every shape comment of the library:
+  B  prompts per step (on this process, or in the batch at hand)
+  G  group size: completions sampled per prompt
+  N  = B x G completions
+  P  prompt length (padded)
+  C  completion length (padded)
+  L  = P + C, a whole sequence
+  V  vocabulary size
+  D  hidden size
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -23,9 +33,9 @@ ADVANTAGE_ESTIMATORS = ("grpo", "rloo")
 
 
 def zero_spread_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[num_groups] bool: the groups whose G rewards are all equal (whatever the value, continuous
+    """[B] bool: the groups whose G rewards are all equal (whatever the value, continuous
     rewards included). They get advantage 0 and carry no policy gradient (DAPO's dynamic sampling drops them)."""
-    grouped = rewards.view(-1, group_size)  # [num_groups, G]
+    grouped = rewards.view(-1, group_size)  # [B, G]
     return (grouped == grouped[:, :1]).all(dim=1)
 
 
@@ -55,7 +65,7 @@ def group_advantages(
             f"rewards must be 1-D with a length that is a multiple of group_size: "
             f"got {rewards.numel()} rewards and group_size {group_size}"
         )
-    grouped = rewards.view(-1, group_size)  # [num_prompts, G]
+    grouped = rewards.view(-1, group_size)  # [B, G]
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if estimator == "rloo":
         centred = centred * (group_size / (group_size - 1))
@@ -77,30 +87,55 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1.0
 
 
-def check_objective(*, loss_type: str = "grpo", policy_loss: str = "clip", importance_sampling_level: str = "token",
-                    epsilon_low: float = 0.2, epsilon_high: float | None = None, delta: float | None = None,
-                    dual_clip: float | None = None, cispo_max_ratio: float = 5.0, sapo_temperature_pos: float = 1.0,
-                    sapo_temperature_neg: float = 1.05) -> None:
-    """Refuse settings of the objective that make no sense, naming the field (GRPOConfig and grpo_loss both call it)."""
-    for field, value, valid in (("loss_type", loss_type, LOSS_TYPES), ("policy_loss", policy_loss, POLICY_LOSSES),
-                                ("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)):
-        if value not in valid:
-            raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
-    upper = 1.0 + (epsilon_low if epsilon_high is None else epsilon_high)
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (verl uses 3), got {dual_clip}")
-    if delta is not None and delta <= upper:
-        raise ValueError(f"delta must be > 1 + epsilon_high = {upper:g} (INTELLECT-2 uses 4), got {delta}: "
-                         f"it caps the ratio of the unclipped branch, above the clip range")
-    for field, value in (("delta", delta), ("dual_clip", dual_clip)):
-        if value is not None and policy_loss != "clip":
-            raise ValueError(f"{field}={value} caps the clipped surrogate and applies to policy_loss='clip' only, "
-                             f"not {policy_loss!r}")
-    if cispo_max_ratio <= 0:
-        raise ValueError(f"cispo_max_ratio must be > 0 (MiniMax-M1 uses about 5), got {cispo_max_ratio}")
-    for field, value in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
-        if value <= 0:
-            raise ValueError(f"{field} must be > 0, got {value}")
+@dataclass(frozen=True)
+class Objective:
+    """The per-token objective's settings, with their defaults: the one place they are defined
+    (GRPOConfig's fields of the same names take these defaults; `grpo_loss` documents each).
+    Settings that make no sense are refused at construction, naming the field."""
+
+    loss_type: str = "grpo"
+    policy_loss: str = "clip"
+    importance_sampling_level: str = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None  # None = epsilon_low
+    delta: float | None = None
+    dual_clip: float | None = None
+    cispo_max_ratio: float = 5.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+
+    def __post_init__(self):
+        for field, value, valid in (("loss_type", self.loss_type, LOSS_TYPES), ("policy_loss", self.policy_loss, POLICY_LOSSES),
+                                    ("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)):
+            if value not in valid:
+                raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
+        upper = 1.0 + self.clip_high
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (verl uses 3), got {self.dual_clip}")
+        if self.delta is not None and self.delta <= upper:
+            raise ValueError(f"delta must be > 1 + epsilon_high = {upper:g} (INTELLECT-2 uses 4), got {self.delta}: "
+                             f"it caps the ratio of the unclipped branch, above the clip range")
+        for field, value in (("delta", self.delta), ("dual_clip", self.dual_clip)):
+            if value is not None and self.policy_loss != "clip":
+                raise ValueError(f"{field}={value} caps the clipped surrogate and applies to policy_loss='clip' only, "
+                                 f"not {self.policy_loss!r}")
+        if self.cispo_max_ratio <= 0:
+            raise ValueError(f"cispo_max_ratio must be > 0 (MiniMax-M1 uses about 5), got {self.cispo_max_ratio}")
+        for field, value in (("sapo_temperature_pos", self.sapo_temperature_pos),
+                             ("sapo_temperature_neg", self.sapo_temperature_neg)):
+            if value <= 0:
+                raise ValueError(f"{field} must be > 0, got {value}")
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clip's epsilon: epsilon_high, or epsilon_low when it is None."""
+        return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+
+def check_objective(**settings) -> Objective:
+    """Refuse settings of the objective that make no sense, naming the field (GRPOConfig and grpo_loss
+    both call it); returns them as an `Objective`."""
+    return Objective(**settings)
 
 
 def grpo_loss(
@@ -111,23 +146,16 @@ def grpo_loss(
     *,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    loss_type: str = "grpo",
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
-    dual_clip: float | None = None,
-    policy_loss: str = "clip",
-    importance_sampling_level: str = "token",
-    delta: float | None = None,
-    cispo_max_ratio: float = 5.0,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
     token_mask: torch.Tensor | None = None,
+    **settings,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy term plus optional k3 KL penalty, aggregated over tokens.
 
-    Shapes: logprobs, old_logprobs, completion_mask, ref_logprobs, token_mask: [B, L]; advantages: [B].
+    `settings`: the `Objective` fields (loss_type, policy_loss, importance_sampling_level, epsilon_low,
+    epsilon_high, delta, dual_clip, cispo_max_ratio, sapo_temperature_pos, sapo_temperature_neg).
+    Shapes: logprobs, old_logprobs, completion_mask, ref_logprobs, token_mask: [N, C]; advantages: [N].
     The ratio: `importance_sampling_level` "token" rho_t = exp(logp_t - logp_old_t); "sequence" (GSPO)
     s_i = exp(masked mean over t of (logp - logp_old)), one per completion, used for every token of it
     (its gradient reaches every token through the mean). Per token, with r that ratio:
@@ -142,7 +170,7 @@ def grpo_loss(
     the aggregation's denominators still use completion_mask (as TRL does). Aggregation, `loss_type`:
       grpo    mean over sequences of (masked token sum / that sequence's token count)  (paper)
       bnpo    masked sum / masked count of this batch
-      dr_grpo masked sum / (B * max_completion_length)  (max_completion_length defaults to L)
+      dr_grpo masked sum / (N * max_completion_length)  (max_completion_length defaults to C)
       dapo    masked sum / num_items_in_batch  (completion tokens of the whole optimizer step;
               defaults to this batch's masked count)
     TRL's loss_type="cispo" is policy_loss="cispo", loss_type="dapo"; TRL's "sapo" is
@@ -155,39 +183,38 @@ def grpo_loss(
     cispo's weight truncated, either sign of A; 0 for sapo) and `dual_clip_ratio` (fraction whose
     negative-advantage term is capped by dual_clip or delta; 0 when both are off).
     """
-    check_objective(loss_type=loss_type, policy_loss=policy_loss, importance_sampling_level=importance_sampling_level,
-                    epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, dual_clip=dual_clip,
-                    cispo_max_ratio=cispo_max_ratio, sapo_temperature_pos=sapo_temperature_pos,
-                    sapo_temperature_neg=sapo_temperature_neg)
-    if epsilon_high is None:
-        epsilon_high = epsilon_low
-    mask = completion_mask.to(logprobs.dtype)  # [B, L]
-    adv = advantages.to(logprobs.dtype).unsqueeze(1)  # [B, 1]
+    objective = check_objective(**settings)
+    loss_type, policy_loss = objective.loss_type, objective.policy_loss
+    delta, dual_clip = objective.delta, objective.dual_clip
+    epsilon_low, epsilon_high = objective.epsilon_low, objective.clip_high
+    mask = completion_mask.to(logprobs.dtype)  # [N, C]
+    adv = advantages.to(logprobs.dtype).unsqueeze(1)  # [N, 1]
 
-    log_ratio = logprobs - old_logprobs  # [B, L]
-    if importance_sampling_level == "sequence":
-        sequence = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # [B, 1]
+    log_ratio = logprobs - old_logprobs  # [N, C]
+    if objective.importance_sampling_level == "sequence":
+        sequence = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # [N, 1]
         log_ratio = sequence.expand_as(logprobs)
-    ratio = torch.exp(log_ratio)  # [B, L]
+    ratio = torch.exp(log_ratio)  # [N, C]
     no_token = torch.zeros_like(mask, dtype=torch.bool)
     capped = no_token
     if policy_loss == "clip":
         clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
         unclipped_ratio = ratio if delta is None else torch.clamp(ratio, max=delta)
-        per_token = -torch.min(unclipped_ratio * adv, clipped_ratio * adv)  # [B, L]
+        per_token = -torch.min(unclipped_ratio * adv, clipped_ratio * adv)  # [N, C]
         clipped = ((ratio < 1.0 - epsilon_low) & (adv < 0)) | ((ratio > 1.0 + epsilon_high) & (adv > 0))
         if delta is not None:
             capped = (adv < 0) & (ratio > delta)
         if dual_clip is not None:
-            dual_capped = (adv < 0) & (ratio > dual_clip)  # [B, L]
+            dual_capped = (adv < 0) & (ratio > dual_clip)  # [N, C]
             per_token = torch.where(dual_capped, -dual_clip * adv, per_token)
             capped = capped | dual_capped
     elif policy_loss == "cispo":
-        weight = torch.clamp(ratio, max=cispo_max_ratio).detach()
+        weight = torch.clamp(ratio, max=objective.cispo_max_ratio).detach()
         per_token = -weight * adv * logprobs
-        clipped = ratio > cispo_max_ratio
+        clipped = ratio > objective.cispo_max_ratio
     else:  # sapo
-        tau = torch.where(adv > 0, adv.new_tensor(sapo_temperature_pos), adv.new_tensor(sapo_temperature_neg))  # [B, 1]
+        tau = torch.where(adv > 0, adv.new_tensor(objective.sapo_temperature_pos),
+                          adv.new_tensor(objective.sapo_temperature_neg))  # [N, 1]
         per_token = -(4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0)) * adv
         clipped = no_token
     if token_mask is not None:

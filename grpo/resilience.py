@@ -1,6 +1,6 @@
 """Runs that survive the cluster: stop signals honoured at a step boundary, non-finite updates skipped.
 
-Both trainers wrap their loop in one `RunGuard` (README: Long runs on a cluster):
+Both trainers wrap their loop in one `RunGuard` (docs/long-runs.md):
 
   stop signals   SIGTERM / SIGINT / SIGUSR1 (`stop_signals`) only set a flag. At the end of the step
                  every process learns whether any of them got one (one all-reduce), so all stop after

@@ -108,7 +108,8 @@ def _run_coroutine(coroutine):
 
 def combine_rewards(results, weights) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted sum per completion (None counts 0) and each function's mean/std over its non-None values."""
-    per_func = torch.tensor([[float("nan") if v is None else float(v) for v in values] for values in results])  # [F, N]
+    # [F, N]: one row per reward function
+    per_func = torch.tensor([[float("nan") if v is None else float(v) for v in values] for values in results])
     total = (torch.nan_to_num(per_func, nan=0.0) * torch.tensor(weights)[:, None]).sum(0)
     return total, per_func
 

@@ -5,7 +5,7 @@ Gemma 3 renders `<bos>` itself, Qwen3.5 ends the generation prompt with a think 
 `enable_thinking=True`, closed and empty without). `ChatTemplate` renders with the run's template
 arguments (`chat_template_kwargs`) everywhere a prompt or an SFT target is made, so rollouts, log-prob
 passes, SFT and evaluation read the same tokens that `processor.apply_chat_template(messages,
-add_generation_prompt=True, tokenize=True)` gives (README "Real checkpoints").
+add_generation_prompt=True, tokenize=True)` gives (docs/families.md, "Real checkpoints").
 
 Reasoning blocks. When the generation prompt opens a `<think>` block, the model's completion continues
 inside it: `opened` is that text ("<think>\\n"), and the completion text handed to rewards starts with

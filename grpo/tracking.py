@@ -3,7 +3,8 @@
 Process 0 makes one `MetricsLog` per run; each step's record goes through `write`, which appends it to
 metrics.jsonl, sends every number in it to each tracker under the same name at the same step, and
 updates the progress line. GRPO's logged completions go through `write_completions`: completions.jsonl,
-and a table in W&B.
+and a table in W&B. The JSON-lines files are `JsonlLog`s (cut back to the checkpoint on resume); the
+progress line is a `Progress`, which `evaluate()` uses too.
 
 Trackers (each an optional extra: `pip install 'pathgrpo[tensorboard]'`, `[wandb]`, `[mlflow]`):
   tensorboard  event files in <output_dir>/tensorboard (`tensorboard --logdir <output_dir>`)
@@ -28,7 +29,8 @@ import os
 import sys
 import time
 
-from .training import JsonlLog, Progress
+import numpy as np
+import torch
 
 # tracker -> the package it needs (the pip extra has the tracker's name)
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -59,6 +61,63 @@ def metric_values(record: dict) -> dict[str, float]:
     """The numbers of a record, by name (the step and values that are None or not numbers left out)."""
     return {key: float(value) for key, value in record.items()
             if key != "step" and isinstance(value, numbers.Real)}
+
+
+class JsonlLog:
+    """Append-only JSON-lines file; on resume, lines of steps after the checkpoint are dropped."""
+
+    def __init__(self, path: str, resume_step: int | None = None):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if resume_step is None:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            with open(path) as f:
+                kept = [line.rstrip("\n") + "\n" for line in f
+                        if (record := _parsed(line)) and record.get("step", 0) <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=_to_builtin) + "\n")
+
+
+def _parsed(line: str) -> dict | None:
+    """A JSON line, or None for a blank one or the cut last line a killed process leaves."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _to_builtin(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return str(value)
+
+
+class Progress:
+    """A one-line progress bar on stderr: step, a few metrics, seconds per step and ETA."""
+
+    def __init__(self, total: int, start: int = 0, label: str = "train"):
+        self.total, self.start, self.label = total, start, label
+        self.t0 = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, **values) -> None:
+        done = step - self.start
+        rate = (time.time() - self.t0) / max(1, done)
+        eta = rate * (self.total - step)
+        shown = " ".join(f"{k} {v:.0f}" if abs(v) >= 100 else f"{k} {v:.3f}" for k, v in values.items())
+        line = f"[{self.label}] step {step}/{self.total} {shown} | {rate:.2f} s/step | ETA {eta / 60:.1f} min"
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if step == self.total else ""))
+        elif step == self.total or done == 1 or step % max(1, self.total // 20) == 0:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 class MetricsLog:

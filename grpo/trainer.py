@@ -1,10 +1,11 @@
 """GRPO trainer: sample G completions per prompt -> score -> group advantages -> clipped update with KL.
 
-One training step:
+One training step, `Trainer.train_step` (the run around it, `train()`, is grpo/run.py's `BaseTrainer`):
   1. `rollout`   take `prompts_per_step` rows, sample G completions each (grpo.sampling.generate).
-  2. `score`     call every reward function (async ones concurrently); weighted sum -> rewards [B*G].
-     `dynamic_sample` (only with dynamic_sampling, DAPO): drop the groups whose rewards are all
-                 equal and sample more prompts until the step has prompts_per_step informative ones.
+  2. `score`     call every reward function (async ones concurrently); weighted sum -> rewards [N].
+     grpo.dynamic_sampling.dynamic_sample (only with dynamic_sampling, DAPO): drop the groups whose
+                 rewards are all equal and sample more prompts until the step has prompts_per_step
+                 informative ones.
   3. `logprob_passes`  without gradient: old-policy log-probs (only when num_iterations > 1), token
                  entropies and the high-entropy token mask (only when top_entropy_fraction < 1),
                  reference log-probs (only when beta > 0).
@@ -12,42 +13,33 @@ One training step:
   5. `update`    num_iterations optimizer updates, each accumulating gradients over micro-batches of
                  `completions_per_micro_batch` completions, loss = grpo.objective.grpo_loss, each
                  weighted by grpo.objective.micro_batch_weights.
+Shapes use grpo/objective.py's notation: B prompts, G completions each, N = B x G, C completion tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from . import lora
-from .config import ConfigMixin
-from .distributed import (
-    Optimization, all_gather_cat, all_reduce_sum, check_images_on_every_rank, check_master_weights, is_main_process,
-    shard, world,
-)
+from .distributed import Optimization, all_gather_cat, all_reduce_sum, check_images_on_every_rank, world
 from .decoding import StaticDecoder, wants_compiled_decoding
-from .dynamic_sampling import gather_groups, local_groups, pad_groups, refill_row_indices, select_groups
+from .dynamic_sampling import dynamic_sample
 from .objective import (
-    ADVANTAGE_ESTIMATORS, SCALE_MODES, check_objective, group_advantages, grpo_loss, high_entropy_mask,
+    ADVANTAGE_ESTIMATORS, SCALE_MODES, Objective, check_objective, group_advantages, grpo_loss, high_entropy_mask,
     micro_batch_weights, zero_spread_groups,
 )
 from .evaluate import accuracy_name, evaluate
+from .loading import prepare_reference_model, vision_modules_equal, vision_trains
 from .logprobs import group_logprobs, with_image_features
 from .prompts import PromptBatch, column, encode_prompts
-from .resilience import STOP_SIGNALS, RunGuard, check_guard_settings
+from .run import BaseTrainer, TrainingConfig
 from .sampling import SamplingParams, decode_completions, generate
 from .templates import check_reasoning_fits
 from .scoring import call_reward_functions, combine_rewards, reward_columns, reward_name, reward_stats
-from .tracking import MetricsLog, require_trackers
-from .training import (
-    load_checkpoint, prepare_model, prepare_reference_model, resolve_checkpoint, rows_for_step,
-    save_checkpoint, seed_everything, setup_processes, start_output_dir, step_row_indices, vision_modules_equal,
-    vision_trains,
-)
 
 
 # Dynamic sampling's later rounds sample with seeds above every step's first-round seed.
@@ -55,64 +47,39 @@ _ROUND_SEED_OFFSET = 2**32
 
 
 @dataclass
-class GRPOConfig(ConfigMixin):
-    """GRPO hyper-parameters. Defaults are the paper's (PathVLM-R1) where it gives them."""
+class GRPOConfig(TrainingConfig):
+    """GRPO hyper-parameters, beside every run's (grpo/run.py's TrainingConfig). Defaults are the
+    paper's (PathVLM-R1) where it gives them."""
 
     output_dir: str = "runs/grpo"  # metrics.jsonl, completions.jsonl and checkpoints go here
     # rollout
-    group_size: int = 4  # G: completions sampled per prompt
-    prompts_per_step: int = 8  # prompts per training step; completions per step = prompts_per_step * G
-    completions_per_micro_batch: int = 8  # completions per forward/backward (gradient accumulation unit)
-    max_prompt_length: int = 1024  # longer prompts are an error naming the row (never cut through an image)
-    max_completion_length: int = 1024  # new tokens per completion
-    # Arguments for every rendering of the chat template (rollout, log-probs, SFT targets, evaluation),
-    # e.g. {"enable_thinking": True} on Qwen3.5 to train the think/answer format (README: Real checkpoints).
-    chat_template_kwargs: dict | None = None
+    group_size: int = 4  # G: completions sampled per prompt; a larger G gives a steadier group baseline, at more sampling
+    prompts_per_step: int = 8  # prompts per training step, over all processes; completions per step = prompts_per_step * G
+    completions_per_micro_batch: int = 8  # completions per forward/backward (gradient accumulation unit); lower it to save memory
     temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    # objective (README "The objective": every term, level and aggregation with its formula and source)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest token set of this probability; 1 = off (the paper's)
+    top_k: int = 0  # sample among the k most likely tokens; 0 = off
+    # objective (docs/objective.md: every term, level and aggregation with its formula and source)
     beta: float = 0.04  # KL coefficient; 0 loads no reference model
-    epsilon_low: float = 0.2  # lower clip: rho >= 1 - epsilon_low
-    epsilon_high: float | None = None  # upper clip: rho <= 1 + epsilon_high (None = epsilon_low; DAPO 0.28)
-    loss_type: str = "grpo"  # aggregation over tokens: grpo | bnpo | dr_grpo | dapo
-    policy_loss: str = "clip"  # per-token policy term: clip (PPO/GRPO) | cispo (MiniMax-M1) | sapo (soft gate)
-    importance_sampling_level: str = "token"  # token | sequence (GSPO: one ratio per completion)
-    scale_rewards: str = "group"  # group | batch | none
+    epsilon_low: float = Objective.epsilon_low  # lower clip: rho >= 1 - epsilon_low
+    epsilon_high: float | None = Objective.epsilon_high  # upper clip: rho <= 1 + epsilon_high (None = epsilon_low; DAPO 0.28)
+    loss_type: str = Objective.loss_type  # aggregation over tokens: grpo | bnpo | dr_grpo | dapo
+    policy_loss: str = Objective.policy_loss  # per-token policy term: clip (PPO/GRPO) | cispo (MiniMax-M1) | sapo (soft gate)
+    importance_sampling_level: str = Objective.importance_sampling_level  # token | sequence (GSPO: one ratio per completion)
+    scale_rewards: str = "group"  # advantages divided by the std of: group | batch | none
     advantage_estimator: str = "grpo"  # baseline: grpo (group mean) | rloo (mean of the other G - 1)
     num_iterations: int = 1  # mu: optimizer updates per rollout batch
     mask_truncated_completions: bool = False  # drop completions without EOS from the loss (DAPO)
-    dual_clip: float | None = None  # verl's dual-clip c (e.g. 3): caps a negative-advantage token's loss at -c*A
-    delta: float | None = None  # two-sided clip (INTELLECT-2, e.g. 4): the unclipped branch's ratio capped at delta
-    cispo_max_ratio: float = 5.0  # CISPO: importance weights truncated at this ratio
-    sapo_temperature_pos: float = 1.0  # SAPO: gate temperature of tokens with A > 0
-    sapo_temperature_neg: float = 1.05  # SAPO: gate temperature of tokens with A < 0
+    dual_clip: float | None = Objective.dual_clip  # verl's dual-clip c (e.g. 3): caps a negative-advantage token's loss at -c*A
+    delta: float | None = Objective.delta  # two-sided clip (INTELLECT-2, e.g. 4): the unclipped branch's ratio capped at delta
+    cispo_max_ratio: float = Objective.cispo_max_ratio  # CISPO: importance weights truncated at this ratio
+    sapo_temperature_pos: float = Objective.sapo_temperature_pos  # SAPO: gate temperature of tokens with A > 0
+    sapo_temperature_neg: float = Objective.sapo_temperature_neg  # SAPO: gate temperature of tokens with A < 0
     top_entropy_fraction: float = 1.0  # policy term on this top fraction of the step's tokens by entropy (80/20: 0.2)
     dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards, sample more prompts to refill the step
     max_sampling_rounds: int = 3  # dynamic sampling: at most this many rounds of prompts_per_step prompts per step
-    # optimisation
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = 0  # in optimizer updates
-    lr_scheduler: str = "constant"  # constant | cosine
-    max_grad_norm: float = 1.0
-    max_steps: int = 2000  # training steps (rollouts)
-    seed: int = 0
-    freeze_vision_tower: bool = True  # the paper trains the language model only
-    dtype: str = "auto"  # for from_pretrained: auto | float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    master_weights: bool = True  # step bf16/fp16 weights via fp32 copies (README: Memory guide); False: 12 B/param less, small updates lost
-    # LoRA through PEFT (grpo/lora.py, README: LoRA): None = full fine-tuning; a dict of r, alpha, dropout,
-    # target_modules, lora_vision (or a peft.LoraConfig) trains a fresh adapter, the reference being the
-    # policy with its adapters off. A model that already carries an adapter continues it with lora=None.
-    lora: dict | None = None
-    # scale-out (grpo/distributed.py); prompts_per_step is global and split evenly over the processes
-    deepspeed: str | dict | None = None  # None | "zero2" | "zero3" | path to a DeepSpeed JSON | a dict
-    offload_optimizer: bool = False  # DeepSpeed: optimizer states in CPU memory
-    offload_params: bool = False  # DeepSpeed ZeRO-3: parameters in CPU memory
-    # Share each prompt across its G completions: image features computed once per step, each prompt
-    # forwarded once per log-prob pass with its G completions (the plain path's numbers, less work):
+    # Share each prompt across its G completions: the plain path's numbers with less work. Image features
+    # are computed once per step, each prompt forwarded once per log-prob pass with its G completions:
     # packed into one sequence under a mask where the family's layers all attend fully (Qwen2/2.5/3-VL,
     # InternVL; also under gradient_checkpointing), else attending to the prompt's KV cache (Gemma 3,
     # Qwen3.5; these fall back to the plain path under gradient_checkpointing, which turns the cache
@@ -120,29 +87,20 @@ class GRPOConfig(ConfigMixin):
     # False = plain path: each completion its own prompt, in the rollout too (each copy prefilled,
     # its image through the vision tower).
     # Runs under DeepSpeed ZeRO-2/3 too (tests/test_distributed.py); benchmarks/README.md has the speed-up.
-    # A model of no known family runs the plain path whatever this says (README: Model families).
+    # A model of no known family runs the plain path whatever this says (docs/families.md).
     shared_prefix: bool = True
     # Decode with static shapes (a cache preallocated for the whole completion, masks of one shape)
     # through one torch.compile'd forward, CUDA graphs on a GPU: the same tokens (grpo/decoding.py).
-    # False (the default until a GPU run has measured it) | True | "auto" (on for CUDA, off on the CPU).
-    compile_decode: bool | str = False
-    # logging and checkpoints
+    # "auto": on for CUDA; off on the CPU, where compiling costs more than it saves in a short run. True | False.
+    compile_decode: bool | str = "auto"
+    # evaluation and logging
     log_completions: int = 4  # completions per step written to completions.jsonl (0 = none)
     eval_steps: int = 0  # evaluate on eval_dataset every N steps (0 = off)
-    eval_batch_size: int = 32
+    eval_batch_size: int = 32  # eval rows decoded together; lower it if evaluation runs out of memory
     accuracy: str | None = None  # eval reward reported as eval/accuracy, by name; None: the first marked is_accuracy
-    save_steps: int = 500  # 0 = only at the end
-    save_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
-    overwrite_output_dir: bool = False  # a fresh run may replace the results of an earlier run in output_dir
-    report_to: list[str] = field(default_factory=list)  # trackers beside metrics.jsonl: tensorboard | wandb | mlflow
-    # long runs (grpo/resilience.py): a stop signal finishes the step, checkpoints and exits with EXIT_PREEMPTED
-    stop_signals: tuple[str, ...] = STOP_SIGNALS
-    max_consecutive_bad_steps: int = 3  # updates with a non-finite loss / grad norm are skipped; this many in a row stop
 
     def __post_init__(self):
-        self.report_to = require_trackers(self.report_to)
-        check_guard_settings(self)
+        super().__post_init__()
         if self.group_size < 2:
             raise ValueError(f"group_size must be at least 2 (got {self.group_size}): advantages compare within a group")
         completions = self.prompts_per_step * self.group_size
@@ -167,18 +125,22 @@ class GRPOConfig(ConfigMixin):
             raise ValueError(f"temperature must be > 0, got {self.temperature}: GRPO samples its G completions "
                              f"(greedy ones would be identical) and divides logits by it")
         self.sampling_params()  # checks top_p, top_k and max_completion_length
-        lora.check_settings(self.lora, "GRPOConfig")
-        check_master_weights(self)
         if self.compile_decode not in (True, False, "auto"):  # before any model is loaded
             raise ValueError(f"compile_decode must be 'auto', True or False, got {self.compile_decode!r}")
 
+    def micro_batches(self, processes: int) -> int:
+        if self.prompts_per_step % processes:
+            raise ValueError(f"prompts_per_step={self.prompts_per_step} must be divisible by the number of processes ({processes})")
+        local_completions = self.prompts_per_step // processes * self.group_size
+        if local_completions % self.completions_per_micro_batch:
+            raise ValueError(
+                f"completions_per_micro_batch={self.completions_per_micro_batch} must divide the completions per process = "
+                f"prompts_per_step {self.prompts_per_step} / {processes} processes x group_size {self.group_size} = {local_completions}")
+        return local_completions // self.completions_per_micro_batch
+
     def objective_settings(self) -> dict:
-        """The per-token objective's settings, as `grpo_loss` and `check_objective` take them."""
-        return dict(loss_type=self.loss_type, policy_loss=self.policy_loss,
-                    importance_sampling_level=self.importance_sampling_level, epsilon_low=self.epsilon_low,
-                    epsilon_high=self.epsilon_high, delta=self.delta, dual_clip=self.dual_clip,
-                    cispo_max_ratio=self.cispo_max_ratio, sapo_temperature_pos=self.sapo_temperature_pos,
-                    sapo_temperature_neg=self.sapo_temperature_neg)
+        """The per-token objective's settings (`Objective`'s fields), as `grpo_loss` and `check_objective` take them."""
+        return {name: getattr(self, name) for name in Objective.__dataclass_fields__}
 
     def sampling_params(self) -> SamplingParams:
         """How the rollout draws its completions."""
@@ -197,18 +159,18 @@ class Rollout:
 
     rows: list[dict]
     prompts: PromptBatch  # B prompts
-    completion_ids: torch.Tensor  # [B*G, C]
-    completion_mask: torch.Tensor  # [B*G, C]
-    truncated: torch.Tensor  # [B*G]
+    completion_ids: torch.Tensor  # [N, C]
+    completion_mask: torch.Tensor  # [N, C]
+    truncated: torch.Tensor  # [N]
     texts: list[str] = field(default_factory=list)
-    old_logprobs: torch.Tensor | None = None  # [B*G, C] only when num_iterations > 1
-    ref_logprobs: torch.Tensor | None = None  # [B*G, C] only when beta > 0
-    entropies: torch.Tensor | None = None  # [B*G, C] rollout policy's token entropies, only when top_entropy_fraction < 1
-    token_mask: torch.Tensor | None = None  # [B*G, C] tokens that get the policy term (high_entropy_mask), likewise
+    old_logprobs: torch.Tensor | None = None  # [N, C] only when num_iterations > 1
+    ref_logprobs: torch.Tensor | None = None  # [N, C] only when beta > 0
+    entropies: torch.Tensor | None = None  # [N, C] rollout policy's token entropies, only when top_entropy_fraction < 1
+    token_mask: torch.Tensor | None = None  # [N, C] tokens that get the policy term (high_entropy_mask), likewise
     row_indices: list[int] = field(default_factory=list)  # the rows' dataset indices (named when a step is skipped)
 
 
-class Trainer:
+class Trainer(BaseTrainer):
     """GRPO on a Hugging Face vision-language model.
 
     `train_dataset`: a list, a `datasets.Dataset` or any indexable sequence of rows; each row needs
@@ -217,21 +179,15 @@ class Trainer:
     (sync or async). `model`: a loaded model or a name/path for `from_pretrained`.
     """
 
+    label = "grpo"
+    rows_per_step = "prompts_per_step"
+    progress_shown = PROGRESS_SHOWN
+    logs_completions = True
+
     def __init__(self, model, processor, reward_funcs, train_dataset, config: GRPOConfig | None = None,
                  reward_weights=None, ref_model=None, eval_dataset=None, eval_reward_funcs=None):
-        self.config = config or GRPOConfig()
+        super().__init__(model, processor, config or GRPOConfig())
         cfg = self.config
-        self.device = setup_processes(cfg)
-        rank, size = world()
-        if cfg.prompts_per_step % size:
-            raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes ({size})")
-        local_completions = cfg.prompts_per_step // size * cfg.group_size
-        if local_completions % cfg.completions_per_micro_batch:
-            raise ValueError(
-                f"completions_per_micro_batch={cfg.completions_per_micro_batch} must divide the completions per process = "
-                f"prompts_per_step {cfg.prompts_per_step} / {size} processes x group_size {cfg.group_size} = {local_completions}")
-        seed_everything(cfg.seed + rank)
-        self.model, self.processor, self.family = prepare_model(model, processor, cfg, self.device)
         self.reward_funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not self.reward_funcs:
             raise ValueError("at least one reward function is needed")
@@ -260,20 +216,40 @@ class Trainer:
         else:
             self.ref_shares_vision = cfg.beta > 0 and not lora.adapts(self.family.vision_modules(self.model))
         self.opt = Optimization(self.model, cfg, total_updates=cfg.max_steps * cfg.num_iterations,
-                                micro_batches_per_update=local_completions // cfg.completions_per_micro_batch,
+                                micro_batches_per_update=cfg.micro_batches(world()[1]),
                                 micro_batch_size=cfg.completions_per_micro_batch)
         self.decoder = StaticDecoder() if wants_compiled_decoding(cfg.compile_decode, self.device) else None
-        self.step = 0
-        self.guard = RunGuard(cfg, self.device, "grpo")
 
     @property
     def policy(self):
         """What forwards run on: the DeepSpeed engine when there is one, else the model."""
         return self.opt.module
 
-    # ------------------------------------------------------------------ data
-    def _rows_for_step(self, step: int) -> tuple[list[dict], list[int]]:
-        return rows_for_step(self.train_dataset, step, self.config.prompts_per_step, self.config.seed, "prompts_per_step")
+    # ------------------------------------------------------------------ the step
+    def train_step(self) -> tuple[dict, list[dict]]:
+        """One GRPO step; returns its metrics record and the completions to log."""
+        cfg = self.config
+        t0 = time.time()
+        rows, row_indices = self._rows_for_step(self.step)
+        batch = self.rollout(rows, row_indices, self._generator())
+        rewards, per_func = self.score(batch)  # [N], [F, N]
+        counters = {}
+        if cfg.dynamic_sampling:
+            batch, rewards, per_func, counters = dynamic_sample(
+                batch, rewards, per_func, cfg, self.step, len(self.train_dataset), self.family.pad_id, self._sample_round,
+                self._regrouped)
+        self.logprob_passes(batch)
+        advantages = self.advantages(rewards)
+        stats = self.update(batch, advantages)
+        self.step += 1
+        record = {**self._metrics(batch, rewards, per_func, stats, time.time() - t0), **counters}
+        record.update(self.guard.end_step(self.step, self.opt, {k: stats[k] for k in ("loss", "grad_norm")},
+                                          batch.rows, batch.row_indices))
+        # Reward-side counters are read before evaluation, so they count this step's training calls only.
+        record.update(reward_stats(self.reward_funcs))
+        if cfg.eval_steps and self.eval_dataset is not None and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps):
+            record.update(self.evaluate())
+        return record, self._completions_to_log(batch, rewards, per_func, advantages)
 
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
@@ -317,7 +293,7 @@ class Trainer:
             batch.ref_logprobs = self.reference_logprobs(batch)
 
     def _loss_mask(self, batch: Rollout) -> torch.Tensor:
-        """[B*G, C] the completion tokens the loss counts (without the truncated completions when asked)."""
+        """[N, C] the completion tokens the loss counts (without the truncated completions when asked)."""
         mask = batch.completion_mask.clone()
         if self.config.mask_truncated_completions:
             mask[batch.truncated] = 0
@@ -325,7 +301,7 @@ class Trainer:
 
     @torch.no_grad()
     def reference_logprobs(self, batch: Rollout) -> torch.Tensor:
-        """Log-probs [B*G, C] under the frozen reference: the reference model, or under LoRA the policy
+        """Log-probs [N, C] under the frozen reference: the reference model, or under LoRA the policy
         switched to the reference (adapters off, or the continued adapter's frozen starting copy)."""
         if self.ref_model is not None:
             model, mode = self.ref_model, contextlib.nullcontext()
@@ -351,7 +327,7 @@ class Trainer:
                               with_entropy=with_entropy)
 
     def _logprobs_all(self, model, batch: Rollout, prompts: PromptBatch | None = None, with_entropy: bool = False):
-        """Log-probs [B*G, C] of every completion under `model` (`prompts`: batch.prompts by default);
+        """Log-probs [N, C] of every completion under `model` (`prompts`: batch.prompts by default);
         with_entropy: (log-probs, token entropies)."""
         parts = [self._logprobs(model, batch, *part, with_entropy=with_entropy)
                  for part in self._micro_batches(batch, batch.prompts if prompts is None else prompts)]
@@ -360,61 +336,32 @@ class Trainer:
         return torch.cat(parts)
 
     def score(self, batch: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards [B*G] (weighted sum) and the per-function matrix [F, B*G] (NaN where None)."""
+        """Rewards [N] (weighted sum) and the per-function matrix [F, N] (NaN where None)."""
         G = self.config.group_size
         rows = [row for row in batch.rows for _ in range(G)]
         columns = reward_columns(rows, batch.completion_ids, batch.completion_mask)
         results = call_reward_functions(self.reward_funcs, [row["prompt"] for row in rows], batch.texts, columns)
         return combine_rewards(results, self.reward_weights)
 
-    def dynamic_sample(self, batch: Rollout, rewards: torch.Tensor, per_func: torch.Tensor, row_indices: list[int]):
-        """DAPO's dynamic sampling (grpo/dynamic_sampling.py has the multi-process design): more rounds
-        of prompts_per_step prompts until the step has prompts_per_step groups whose rewards differ,
-        or max_sampling_rounds. Returns (batch, rewards, per_func) of this process's share of the
-        selected groups and the step's counters. Collective."""
-        cfg = self.config
-        rank, size = world()
-        wanted, G = cfg.prompts_per_step, cfg.group_size
-        used = step_row_indices(len(self.train_dataset), self.step, wanted, cfg.seed)
-        pool = gather_groups(local_groups(row_indices, batch.completion_ids, batch.completion_mask, batch.truncated,
-                                          batch.texts, rewards, per_func, G))
-        rounds = 1
-        while select_groups(pool, wanted).informative < wanted and rounds < cfg.max_sampling_rounds:
-            indices = refill_row_indices(len(self.train_dataset), self.step, rounds, wanted, cfg.seed, used)
-            used += indices
-            local = shard(indices, "prompts_per_step")
-            extra = self.rollout([self.train_dataset[i] for i in local], local, self._generator(rounds))
-            extra_rewards, extra_per_func = self.score(extra)
-            pool += gather_groups(local_groups(local, extra.completion_ids, extra.completion_mask, extra.truncated,
-                                               extra.texts, extra_rewards, extra_per_func, G))
-            rounds += 1
-        chosen, informative, dropped = select_groups(pool, wanted)
-        if informative < wanted and is_main_process():
-            print(f"[grpo] step {self.step + 1}: dynamic sampling found {informative} groups with a reward spread in "
-                  f"{rounds} rounds (max_sampling_rounds); the other {wanted - informative} trained are zero-spread",
-                  file=sys.stderr)
-        counters = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/informative_groups": informative,
-                    "dynamic_sampling/groups_dropped": dropped, "dynamic_sampling/extra_rollouts": (rounds - 1) * wanted * G}
-        if rounds == 1:  # the first round's groups, all of them, each trained where it was sampled
-            return batch, rewards, per_func, counters
-        per_process = wanted // size
-        mine = [pool[k] for k in chosen[rank * per_process : (rank + 1) * per_process]]
-        ids, mask = pad_groups(mine, self.family.pad_id)
-        indices = [group.row for group in mine]
-        rows = [self.train_dataset[i] for i in indices]
-        kept = Rollout(rows, self._prompts(rows, indices), ids.to(self.device), mask.to(self.device),
-                       torch.cat([group.truncated for group in mine]).to(batch.truncated.device),
-                       [text for group in mine for text in group.texts], row_indices=indices)
-        return (kept, torch.cat([group.rewards for group in mine]), torch.cat([group.per_func for group in mine], dim=1),
-                counters)
+    def _sample_round(self, row_indices: list[int], round_: int):
+        """Dynamic sampling's round `round_` on this process's rows `row_indices`: (rollout, rewards, per_func)."""
+        batch = self.rollout([self.train_dataset[i] for i in row_indices], row_indices, self._generator(round_))
+        return (batch, *self.score(batch))
+
+    def _regrouped(self, row_indices: list[int], completion_ids, completion_mask, truncated, texts) -> Rollout:
+        """A rollout of the groups dynamic sampling chose for this process (some sampled on another one:
+        their prompts are encoded again here, from the dataset rows)."""
+        rows = [self.train_dataset[i] for i in row_indices]
+        return Rollout(rows, self._prompts(rows, row_indices), completion_ids.to(self.device),
+                       completion_mask.to(self.device), truncated, texts, row_indices=row_indices)
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """Group-normalised advantages [B*G] of this process's completions.
+        """Group-normalised advantages [N] of this process's completions.
 
         Computed over every process's rewards, so scale_rewards="batch" divides by the std of the
         whole step's batch, exactly as on one process; groups never span processes.
         """
-        everything = all_gather_cat(rewards.to(self.device))  # [world*B*G]
+        everything = all_gather_cat(rewards.to(self.device))  # [world * N]
         advantages = group_advantages(everything, self.config.group_size, scale=self.config.scale_rewards,
                                       estimator=self.config.advantage_estimator)
         rank, _ = world()
@@ -440,7 +387,7 @@ class Trainer:
         prompts = batch.prompts.without_features() if self.vision_trains else batch.prompts
         for _ in range(cfg.num_iterations):
             for index, micro_prompts, prompt_index in self._micro_batches(batch, prompts):
-                logprobs = self._logprobs(self.policy, batch, index, micro_prompts, prompt_index)  # [b, C]
+                logprobs = self._logprobs(self.policy, batch, index, micro_prompts, prompt_index)  # [len(index), C]
                 old = batch.old_logprobs[index] if batch.old_logprobs is not None else logprobs.detach()
                 ref = batch.ref_logprobs[index] if batch.ref_logprobs is not None else None
                 token_mask = batch.token_mask[index] if batch.token_mask is not None else None
@@ -459,55 +406,6 @@ class Trainer:
         totals.update(zip(("loss", *averaged), reduced))
         return totals
 
-    # ------------------------------------------------------------------ loop
-    def train(self) -> list[dict]:
-        """Run to max_steps; a stop signal ends it after a step with a checkpoint (raises Preempted)."""
-        with self.guard:
-            return self._train()
-
-    def _train(self) -> list[dict]:
-        cfg = self.config
-        resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-        if resume:
-            state = load_checkpoint(resume, self.opt)
-            self.step = state["step"]
-            self.guard.load_state(state)
-        start_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
-        main = is_main_process()
-        start = self.step if resume else None
-        metrics_log = MetricsLog(cfg, start, "grpo", PROGRESS_SHOWN, completions=True) if main else None
-        history = []
-        while self.step < cfg.max_steps:
-            t0 = time.time()
-            rows, row_indices = self._rows_for_step(self.step)
-            batch = self.rollout(rows, row_indices, self._generator())
-            rewards, per_func = self.score(batch)  # [B*G], [F, B*G]
-            counters = {}
-            if cfg.dynamic_sampling:
-                batch, rewards, per_func, counters = self.dynamic_sample(batch, rewards, per_func, row_indices)
-            self.logprob_passes(batch)
-            advantages = self.advantages(rewards)
-            stats = self.update(batch, advantages)
-            self.step += 1
-            record = {**self._metrics(batch, rewards, per_func, stats, time.time() - t0), **counters}
-            record.update(self.guard.end_step(self.step, self.opt, {k: stats[k] for k in ("loss", "grad_norm")},
-                                              batch.rows, batch.row_indices))
-            # Reward-side counters are read before evaluation, so they count this step's training calls only.
-            record.update(reward_stats(self.reward_funcs))
-            if cfg.eval_steps and self.eval_dataset is not None and (self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps):
-                record.update(self.evaluate())
-            history.append(record)
-            if main:
-                metrics_log.write(record)
-                self._log_samples(metrics_log, batch, rewards, per_func, advantages)
-            saved = None
-            if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.max_steps:
-                saved = self.save(self.step)
-            self.guard.finish_step(self.step, saved, self.save)
-        if main:
-            metrics_log.close()
-        return history
-
     def _generator(self, round_: int = 0) -> torch.Generator:
         """The sampling generator of this step (and round, for dynamic sampling's later ones) on this process."""
         seed = self.config.seed * 1_000_003 + self.step * 1009 + world()[0] + round_ * _ROUND_SEED_OFFSET
@@ -522,17 +420,13 @@ class Trainer:
         result.update(reward_stats(self.eval_reward_funcs))  # the evaluation's own judge traffic, say
         return {f"eval/{k}": v for k, v in result.items()}
 
-    def save(self, step: int) -> str:
-        return save_checkpoint(self.config.output_dir, step, self.opt, self.processor,
-                               {"config": asdict(self.config), **self.guard.state()}, self.config.save_total_limit)
-
     # ------------------------------------------------------------------ logging
     def _metrics(self, batch: Rollout, rewards, per_func, stats, step_time) -> dict:
         """One metrics.jsonl record for the whole step: per-completion values are gathered from every
         process first, so the numbers do not depend on how many processes ran the step."""
         G = self.config.group_size
         columns = [rewards[:, None], per_func.T, batch.completion_mask.sum(1).float()[:, None], batch.truncated.float()[:, None]]
-        per_completion = torch.cat([c.to(self.device) for c in columns], dim=1)  # [B*G, 1 + F + 2]; rewards are on the CPU
+        per_completion = torch.cat([c.to(self.device) for c in columns], dim=1)  # [N, 1 + F + 2]; rewards are on the CPU
         gathered = all_gather_cat(per_completion).cpu()
         rewards, per_func = gathered[:, 0], gathered[:, 1 : 1 + len(self.reward_funcs)].T
         lengths, truncated = gathered[:, -2], gathered[:, -1]
@@ -558,7 +452,8 @@ class Trainer:
             record.update({"entropy": (sums[0] / sums[1]).item(), "entropy_mask_frac": (sums[2] / sums[1]).item()})
         return record
 
-    def _log_samples(self, log: MetricsLog, batch: Rollout, rewards, per_func, advantages) -> None:
+    def _completions_to_log(self, batch: Rollout, rewards, per_func, advantages) -> list[dict]:
+        """The step's first `log_completions` completions as completions.jsonl rows."""
         names = [reward_name(func) for func in self.reward_funcs]
         samples = []
         for i in range(min(self.config.log_completions, len(batch.texts))):
@@ -566,4 +461,4 @@ class Trainer:
             each = {name: None if value.isnan() else value.item() for name, value in zip(names, per_func[:, i])}
             samples.append({"id": row.get("id"), "completion": batch.texts[i], "reward": rewards[i].item(),
                             "rewards": each, "advantage": advantages[i].item()})
-        log.write_completions(self.step, samples)
+        return samples

@@ -1,7 +1,7 @@
 """Answers of every type — closed (yes/no), open (a short phrase), multiple choice — as a reward and as
 the benchmarks' metrics.
 
-Conventions (the README's "Medical VQA benchmarks" section): an answer is the last `<answer>` block;
+Conventions (docs/data.md, "Medical VQA benchmarks"): an answer is the last `<answer>` block;
 a completion without one answers nothing (wrong, zero overlap). Text is compared after
 `normalise_answer` (case, punctuation, the articles a / an / the, whitespace). Closed: the
 normalised answer must equal the reference ("yes" / "no", or one of SLAKE's short closed answers),

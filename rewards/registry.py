@@ -1,4 +1,4 @@
-"""Rewards by name, for config files (`python -m grpo`, README "The command line").
+"""Rewards by name, for config files (`python -m grpo`, docs/command-line.md).
 
 Each entry is a factory: called with the settings a config gives the reward, it returns the reward
 callable. A new reward is one line here.

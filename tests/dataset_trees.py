@@ -1,4 +1,6 @@
-"""Small PathMMU and OmniMedVQA trees written in exactly the on-disk formats of SPEC 4, for the tests."""
+"""Small benchmark trees written in exactly the on-disk formats of their public releases, for the tests:
+PathMMU and OmniMedVQA (data/pathmmu.py, data/omnimedvqa.py), and the medical VQA benchmarks
+(data/medvqa.py)."""
 
 from __future__ import annotations
 
@@ -83,7 +85,7 @@ def write_omnimedvqa(root: str) -> dict:
     return files
 
 
-# ---------------------------------------------------------------- the medical VQA benchmarks (SPEC 10)
+# ---------------------------------------------------------------- the medical VQA benchmarks (data/medvqa.py)
 def _png(seed: int, size=(40, 30)) -> bytes:
     import io
 

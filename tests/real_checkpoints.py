@@ -2,9 +2,9 @@
 
 The processor files of real checkpoints (tokenizer, chat template, image-processor settings,
 generation config; no weights) lie in a `real_processors/` folder, one sub-folder per checkpoint
-(README.md there). `build_real_checkpoint` takes one of them, builds a random-weight model of the
+(each noting where its files came from). `build_real_checkpoint` takes one of them, builds a random-weight model of the
 checkpoint's own config, shrunk in width and depth only, and saves it beside copies of those files:
-the directory then loads by path (`AutoProcessor.from_pretrained`, `grpo.training.load_model`,
+the directory then loads by path (`AutoProcessor.from_pretrained`, `grpo.loading.load_model`,
 `grpo.Trainer(path, ...)`) as the real checkpoint would.
 
 What the shrinking keeps: every token id, the vocabulary size, the patch / merge / temporal-patch

@@ -17,7 +17,7 @@ import torch
 
 from grpo.distributed import deepspeed_config, reference_deepspeed_config, zero_stage
 from grpo.models import family_for
-from grpo.training import prepare_reference_model
+from grpo.loading import prepare_reference_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = dict(micro_batch_size=4, accumulation_steps=3, max_grad_norm=0.5)

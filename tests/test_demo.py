@@ -15,6 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
+# Three families, not all, for time (each run takes minutes): the default Qwen2.5-VL, Qwen3-VL (DeepStack,
+# 16-px patches) and Gemma 3 (another chat format, fixed-size images).
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3"])
 def test_demo_grpo_beats_sft(family, tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "toy_pathology.py"), "--family", family,

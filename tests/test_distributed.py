@@ -8,7 +8,8 @@ resumes exactly; a SIGTERM reaching one process stops every process after the sa
 checkpoint and EXIT_PREEMPTED, and the resumed run is the uninterrupted one; a NaN loss on one
 process makes every process skip the update; dynamic sampling and the 80/20 entropy threshold
 decide over the whole step.
-Each test launches tests/distributed_worker.py; see its docstring for the scenarios.
+Each test launches tests/distributed_worker.py; see its docstring for the scenarios. The tests that
+launch 2 processes with torchrun are marked `distributed` (`pytest -m 'not distributed'` skips them).
 """
 
 import json
@@ -68,6 +69,7 @@ def assert_same_update(one_dir, two_dir, tag: str) -> None:
         torch.testing.assert_close(after[name], before[name], rtol=1e-3, atol=1e-4, msg=f"{tag} {name}")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single_process, tmp_path):
     scenarios = "update,sft,uneven,images" if zero == "zero3" else "update,sft,stats"
@@ -102,6 +104,7 @@ def test_two_processes_update_like_one_process_with_the_whole_batch(zero, single
         assert merged == {"counter/requests": 3, "counter/latency_p50": pytest.approx(0.15), "counter/integrity_mean": 0.5}
 
 
+@pytest.mark.distributed
 def test_dynamic_sampling_and_the_entropy_threshold_decide_on_two_processes_as_on_one(single_process, tmp_path):
     """DAPO's keep/drop rule and the 80/20 threshold are taken over the whole step: 2 processes
     train the same groups in the same order with the same counters, and mask the same tokens."""
@@ -116,6 +119,7 @@ def test_dynamic_sampling_and_the_entropy_threshold_decide_on_two_processes_as_o
         assert two["entropy"]["stats"][key] == pytest.approx(one["entropy"]["stats"][key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_lora_two_processes_update_the_adapter_like_one_process_with_the_whole_batch(zero, tmp_path):
     """LoRA under DeepSpeed: the same loss, adapter gradients and updated adapter as one process with
@@ -139,6 +143,7 @@ def test_lora_two_processes_update_the_adapter_like_one_process_with_the_whole_b
         torch.testing.assert_close(saved[name.replace(".default", "")], value)
 
 
+@pytest.mark.distributed
 def test_zero3_on_qwen3_vl_updates_like_one_process_and_decodes_unevenly(tmp_path):
     """Another family under ZeRO-3: Qwen3-VL's cached image features carry its DeepStack features
     through the sharded model; 2 processes x 2 prompts make the 1 x 4 update."""
@@ -155,6 +160,7 @@ def test_zero3_on_qwen3_vl_updates_like_one_process_and_decodes_unevenly(tmp_pat
     assert [r["lengths"] for r in uneven] == [[1, 1], [12, 12]] and all(r["ref_logprobs_finite"] for r in uneven)
 
 
+@pytest.mark.distributed
 def test_zero3_run_resumes_exactly_and_saves_plain_transformers_checkpoints(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -177,6 +183,7 @@ def test_zero3_run_resumes_exactly_and_saves_plain_transformers_checkpoints(tmp_
         assert torch.equal(final[name], resumed[name]), name
 
 
+@pytest.mark.distributed
 def test_zero3_lora_run_resumes_exactly_from_an_adapter_checkpoint(tmp_path):
     """GRPO and SFT with LoRA under ZeRO-3: the checkpoints hold the adapter (gathered from the shards)
     and the optimizer/RNG state; the run resumed from checkpoint-1 logs what the uninterrupted run
@@ -233,6 +240,7 @@ def test_sigterm_stops_a_run_with_a_checkpoint_and_exit_status_75_and_it_resumes
     assert_stopped_run_resumed_like_the_full_run(tmp_path, processes=1)
 
 
+@pytest.mark.distributed
 def test_sigterm_to_one_process_stops_both_after_the_same_step_and_nan_on_one_skips_on_both(tmp_path):
     # torchrun reports the first worker's 75 and exits 1 (it stops the other, which may be leaving too).
     errors = launch("preempt", "zero2", tmp_path, status=1)

@@ -23,7 +23,7 @@ from data import make_toy_dataset, sft_target, to_prompt_rows  # noqa: E402
 from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, completion_logprobs  # noqa: E402
 from grpo.lora import REFERENCE  # noqa: E402
 from grpo.models import family_for, unwrap  # noqa: E402
-from grpo.tiny import build_tiny_model_and_processor  # noqa: E402
+from grpo.tiny import FAMILIES, build_tiny_model_and_processor  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_DROPOUT = {"dropout": 0.0}  # dropout draws a different mask per forward: exact comparisons turn it off
@@ -107,7 +107,9 @@ def test_reference_is_the_frozen_base_before_and_after_training_and_only_the_ada
 # ---------------------------------------------------------------- every family
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl"])
+# Every family of the registry but qwen2_vl, left out for time: it is Qwen2.5-VL's family class with
+# Qwen2.5-VL's language model, the only part LoRA adapts.
+@pytest.mark.parametrize("family", [name for name in FAMILIES if name != "qwen2_vl"])
 def test_lora_on_every_family_targets_the_language_model_and_keeps_both_paths_exact(family, tmp_path):
     rows = to_prompt_rows(make_toy_dataset(4, seed=3, image_size=56), source="toy")
     model, processor = build_tiny_model_and_processor(seed=0, family=family, min_pixels=56 * 56, max_pixels=56 * 56)
@@ -145,7 +147,7 @@ def test_lora_on_every_family_targets_the_language_model_and_keeps_both_paths_ex
 
 
 def test_shared_prefix_and_gradient_checkpointing_give_the_plain_paths_adapter_gradients(tiny_parts, toy_rows, tmp_path):
-    from grpo.training import prepare_model
+    from grpo.loading import prepare_model
 
     model, processor = tiny_parts
     rows = toy_rows[:2]

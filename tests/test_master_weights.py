@@ -20,7 +20,7 @@ from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, evaluate
 from grpo.distributed import Optimization
 from grpo.logprobs import gather_logprobs
 from grpo.objective import grpo_loss
-from grpo.training import load_checkpoint
+from grpo.checkpoints import load_checkpoint
 
 BF16 = torch.bfloat16
 

@@ -1,6 +1,7 @@
-"""Medical VQA beyond multiple choice: the five benchmarks' loaders on files in their release formats
-(SPEC 10), answer_reward, and vqa_metrics against hand-computed numbers, including the two bugs of
-circulating evaluators (LLaVA-Med's closed accuracy, MedEvalKit's F1 order)."""
+"""Medical VQA beyond multiple choice: the loaders of VQA-RAD, PathVQA, SLAKE, PMC-VQA and MedXpertQA-MM
+on files in their release formats (the table of data/medvqa.py), answer_reward, and vqa_metrics
+against hand-computed numbers, including the two bugs of circulating evaluators (LLaVA-Med's closed
+accuracy, MedEvalKit's F1 order)."""
 
 import csv
 import json

@@ -14,13 +14,13 @@ import torch
 from dataset_trees import write_omnimedvqa, write_pathmmu
 
 from grpo.config import load_yaml
-from grpo.training import load_model
+from grpo.loading import load_model
 from rewards import accuracy_reward, format_reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "examples", "pathvlm_r1")
 CONFIGS = os.path.join(SCRIPTS, "configs")
-# In the order the README runs them: each stage reads the one before it.
+# In the order examples/pathvlm_r1/README.md runs them: each stage reads the one before it.
 STAGES = [("alpha", "sft"), ("beta", "grpo"), ("r1", "grpo"), ("gamma", "sft"), ("delta", "sft"), ("epsilon", "grpo")]
 # One process without DeepSpeed, in float32 (the shipped configs say zero3 + bf16 for GPUs; the
 # DeepSpeed path itself is tested under torchrun in test_distributed.py).
@@ -55,7 +55,7 @@ def same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_parts):
-    """A working directory laid out as the README's: data/PathMMU, data/OmniMedVQA, a tiny model."""
+    """A working directory laid out as examples/pathvlm_r1/README.md's: data/PathMMU, data/OmniMedVQA, a tiny model."""
     root = tmp_path_factory.mktemp("repro")
     write_pathmmu(str(root / "data" / "PathMMU"))
     write_omnimedvqa(str(root / "data" / "OmniMedVQA"))

@@ -19,8 +19,8 @@ from grpo.models import Family, family_class
 from grpo.models.gemma3 import Gemma3Family
 from grpo.models.internvl import InternVLFamily
 from grpo.tiny import build_tiny_model_and_processor
+from real_checkpoints import missing_reason, real_processors_root
 
-REAL_PROCESSORS = "/work/shared/real_processors"
 SIZE = (1000, 700)  # larger than 512 visual tokens on every family: the budget shrinks it
 
 
@@ -125,9 +125,9 @@ def test_the_command_line_sizes_images_for_the_models_family(jsonl, tmp_path, fa
 
 @pytest.mark.parametrize("name, token_pixels", [("qwen2_5_vl", 28), ("qwen3_5", 32), ("gemma3", None)])
 def test_real_processors(jsonl, name, token_pixels):
-    path = os.path.join(REAL_PROCESSORS, name)
-    if not os.path.isdir(path):
-        pytest.skip(f"{path} is not here")
+    if missing_reason(name):
+        pytest.skip(missing_reason(name))
+    path = real_processors_root() / name
     from transformers import AutoConfig, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)

@@ -30,7 +30,7 @@ from grpo.logprobs import group_logprobs, with_image_features
 from grpo.models import Family, family_for
 from grpo.models.base import TEXT_KEYS
 from grpo.prompts import encode_prompts
-from grpo.training import load_model
+from grpo.loading import load_model
 
 ATOL = 1e-4
 END_OF_TURN = {"qwen2_5_vl": "<|im_end|>", "gemma3": "<end_of_turn>", "qwen3_5": "<|im_end|>"}

@@ -1,12 +1,12 @@
 """Long runs on a cluster, on the tiny Qwen2.5-VL: what a user relies on when a job is stopped, a
-step goes non-finite, a reward function misbehaves or the disk fills up.
+step goes non-finite or the disk fills up.
 
 A stop signal finishes the step, writes a complete checkpoint (a second signal during the save
 changes nothing) and raises Preempted (exit status 75); a non-finite update leaves the weights and
 optimizer state bit-identical and is counted, and too many in a row stop the run with the last good
-state saved; a bad reward value is named with its function, completion and row; a failed save
-costs nothing earlier. The subprocess and 2-process (one process signalled) versions are in
-tests/test_distributed.py.
+state saved; a failed save costs nothing earlier. The subprocess and 2-process (one process
+signalled) versions are in tests/test_distributed.py; a bad reward value (named with its function,
+completion and row) is in tests/test_scoring.py.
 """
 
 import copy
@@ -21,8 +21,8 @@ import torch
 from data import sft_target
 from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer
 from grpo.resilience import EXIT_PREEMPTED, NonFiniteUpdateError, Preempted
-from grpo.scoring import call_reward_functions
-from grpo.training import CheckpointError, JsonlLog, load_checkpoint, resolve_checkpoint
+from grpo.checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint
+from grpo.tracking import JsonlLog
 
 
 def char_count(prompts, completions, **columns):
@@ -174,45 +174,6 @@ def test_stop_signal_settings_are_checked():
         SFTConfig(stop_signals=("SIGKILL",))
     with pytest.raises(ValueError, match=r"max_consecutive_bad_steps must be >= 1, got 0"):
         GRPOConfig(max_consecutive_bad_steps=0)
-
-
-# ---------------------------------------------------------------- rewards
-
-
-def _nan_second(prompts, completions, **columns):
-    return [1.0, float("nan"), 1.0]
-
-
-def _inf_third(prompts, completions, **columns):
-    return [1.0, None, float("-inf")]
-
-
-def _string_first(prompts, completions, **columns):
-    return ["1.0", 1.0, 1.0]
-
-
-def _too_many(prompts, completions, **columns):
-    return [1.0] * 4
-
-
-@pytest.mark.parametrize("func, expected", [
-    (_nan_second, r"returned nan for completion 1 \(row id 'b'\): not a finite number"),
-    (_inf_third, r"returned -inf for completion 2 \(row id 'c'\): not a finite number"),
-    (_string_first, r"returned '1.0' for completion 0 \(row id 'a'\): a str, not a number"),
-    (_too_many, r"returned 4 values for 3 completions"),
-])
-def test_bad_reward_values_are_errors_naming_function_completion_and_row(func, expected):
-    with pytest.raises(RuntimeError, match=rf"reward function '{func.__name__}' {expected}"):
-        call_reward_functions([char_count, func], ["p"] * 3, ["x", "y", "z"], {"id": ["a", "b", "c"]})
-
-
-def test_none_numpy_and_bool_rewards_still_count():
-    import numpy as np
-
-    def mixed(prompts, completions, **columns):
-        return [None, np.float32(0.5), True]
-
-    assert call_reward_functions([mixed], ["p"] * 3, ["x", "y", "z"], {}) == [[None, np.float32(0.5), True]]
 
 
 # ---------------------------------------------------------------- saves

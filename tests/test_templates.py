@@ -18,7 +18,7 @@ from grpo.prompts import encode_prompts
 from grpo.sampling import Completions, decode_completions
 from grpo.sft import encode_targets
 from grpo.templates import ChatTemplate
-from grpo.training import load_model, load_processor
+from grpo.loading import load_model, load_processor
 from rewards import accuracy_reward, format_reward
 from real_checkpoints import FOLDERS, build_real_checkpoint, missing_reason
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from grpo.tiny import FAMILIES, build_tiny_model_and_processor
 
-# The family's end-of-turn token(s), stated independently of grpo.tiny: generation must stop there.
+# Expected values per family, stated independently of its module in grpo/models (a new family adds
+# its own). The family's end-of-turn token(s): generation must stop there.
 END_OF_TURN = {
     "qwen2_vl": ["<|im_end|>"],
     "qwen2_5_vl": ["<|im_end|>"],

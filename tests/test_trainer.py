@@ -1,17 +1,15 @@
 """The GRPO and SFT trainers and evaluate(), end to end on the tiny Qwen2.5-VL.
 
 What a user relies on: a run writes the metrics, samples and checkpoints it promises; a resumed run
-is the run that was never interrupted; rewards are combined as documented; bad data fails naming
-the row; SFT trains on the assistant tokens only; and both trainers actually learn.
+is the run that was never interrupted; reward metrics skip None and weight the sum; bad data fails
+naming the row; SFT trains on the assistant tokens only; and both trainers actually learn.
 """
 
-import asyncio
 import copy
 import json
 import os
 import shutil
 import statistics
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +21,6 @@ from data import build_messages, sft_target
 from grpo import GRPOConfig, SFTConfig, SFTTrainer, Trainer, evaluate
 from grpo.models import family_for
 from grpo.prompts import encode_prompts
-from grpo.scoring import call_reward_functions, combine_rewards
 from grpo.sft import encode_targets
 from rewards import format_reward
 
@@ -194,84 +191,6 @@ def test_resumed_sft_run_equals_the_uninterrupted_run(tiny_parts, toy_rows, tmp_
     final_a, final_b = state(run_a.model), state(run_b.model)
     for name, value in final_a.items():
         torch.testing.assert_close(final_b[name], value, rtol=1e-6, atol=1e-7, msg=name)
-
-
-# ---------------------------------------------------------------- reward contract
-
-
-def test_call_reward_functions_sync_async_and_none():
-    def lengths(prompts, completions, **columns):
-        return [float(len(c)) for c in completions]
-
-    async def matches_solution(prompts, completions, solution, **columns):
-        await asyncio.sleep(0)
-        return [float(c == s) for c, s in zip(completions, solution)]
-
-    def every_other(prompts, completions, **columns):
-        return [1.0 if i % 2 == 0 else None for i in range(len(completions))]
-
-    results = call_reward_functions([lengths, matches_solution, every_other], ["p"] * 3, ["ab", "A", "xyz"],
-                                    {"solution": ["ab", "B", "xyz"]})
-    assert results == [[2.0, 1.0, 3.0], [1.0, 0.0, 1.0], [1.0, None, 1.0]]
-
-
-def test_async_reward_functions_run_concurrently():
-    async def slow_one(prompts, completions, **columns):
-        await asyncio.sleep(1.0)
-        return [1.0] * len(completions)
-
-    async def slow_two(prompts, completions, **columns):
-        await asyncio.sleep(1.0)
-        return [2.0] * len(completions)
-
-    start = time.perf_counter()
-    results = call_reward_functions([slow_one, slow_two], ["p", "p"], ["a", "b"], {})
-    assert time.perf_counter() - start < 1.7  # sequential would take 2 s
-    assert results == [[1.0, 1.0], [2.0, 2.0]]
-
-
-def test_reward_functions_can_be_called_from_a_running_event_loop():
-    async def half(prompts, completions, **columns):
-        return [0.5] * len(completions)
-
-    async def notebook_cell():  # Jupyter runs cells inside an event loop
-        return call_reward_functions([half, char_count], ["p"], ["abc"], {})
-
-    assert asyncio.run(notebook_cell()) == [[0.5], [3.0]]
-
-
-def _raises_sync(prompts, completions, **columns):
-    raise KeyError("no such column")
-
-
-async def _raises_async(prompts, completions, **columns):
-    raise ValueError("judge unavailable")
-
-
-def _too_short(prompts, completions, **columns):
-    return [1.0] * (len(completions) - 1)
-
-
-def _returns_none(prompts, completions, **columns):
-    return None
-
-
-@pytest.mark.parametrize("func, detail", [
-    (_raises_sync, "KeyError"), (_raises_async, "judge unavailable"), (_too_short, "2 values for 3"),
-    (_returns_none, "None"),
-])
-def test_reward_function_errors_name_the_function(func, detail):
-    with pytest.raises(RuntimeError, match=func.__name__) as error:
-        call_reward_functions([char_count, func], ["p"] * 3, ["a", "b", "c"], {})
-    assert detail in str(error.value)
-
-
-def test_combine_rewards_weights_and_none():
-    total, per_func = combine_rewards([[1.0, None, 0.5, 2.0], [None, 3.0, 1.0, 1.0]], [2.0, 0.5])
-    # None counts 0 in the weighted sum ...
-    torch.testing.assert_close(total, torch.tensor([2.0, 1.5, 1.5, 4.5]))
-    # ... and is NaN (excluded) in the per-function values the means are taken over.
-    assert per_func.isnan().tolist() == [[False, True, False, False], [True, False, False, False]]
 
 
 def test_trainer_reward_metrics_skip_none_and_weight_the_sum(tiny_parts, toy_rows, tmp_path):

@@ -16,7 +16,7 @@ import torch
 from grpo import GRPOConfig, Trainer, evaluate
 from grpo.dynamic_sampling import refill_row_indices
 from grpo.objective import grpo_loss
-from grpo.training import step_row_indices
+from grpo.run import step_row_indices
 from rewards import overlong_penalty
 
 G = 2

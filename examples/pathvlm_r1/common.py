@@ -12,7 +12,8 @@ from data import load_pathmmu, select_part, size_images_for, to_prompt_rows  # n
 from data.pathmmu import PAPER_SUBSETS, SPLITS  # noqa: E402
 from grpo.config import apply_overrides, check_keys, load_yaml, save_yaml, unknown_key_error  # noqa: E402
 from grpo.models import family_class, unwrap  # noqa: E402
-from grpo.training import check_output_dir, load_model, load_processor, resolve_model  # noqa: E402
+from grpo.checkpoints import check_output_dir, resolve_model  # noqa: E402
+from grpo.loading import load_model, load_processor  # noqa: E402
 
 # The `data:` section: where PathMMU lives, which frozen split part to use, and the image budget.
 DATA_DEFAULTS = {

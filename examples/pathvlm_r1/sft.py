@@ -17,7 +17,7 @@ from common import load_config, load_part, load_policy, parse_args, save_run_con
 
 from data import sft_target  # noqa: E402
 from grpo import SFTConfig, SFTTrainer  # noqa: E402
-from grpo.training import check_output_dir  # noqa: E402
+from grpo.checkpoints import check_output_dir  # noqa: E402
 
 SECTIONS = {"model": None, "data": None, "sft": None}
 

@@ -1,22 +1,25 @@
 """Model families: one module each, behind the one interface of `base.Family`.
 
 `family_for(model, processor)` picks the module for the model's `model_type`; a model of no known
-family gets `Family` itself, the plain path, and a one-line notice saying what it lacks. Adding a
-family is one new module here: a `Family` subclass listed in `FAMILY_CLASSES`.
+family gets `Family` itself, the plain path, and a one-line notice saying what it lacks.
+
+Adding a family is one new module here, listed in `FAMILY_MODULES`. It holds the family's `Family`
+subclass (`FAMILY`) and its tiny random-weight models (`TINY_MODELS`: transformers `model_type` ->
+`tiny_parts.TinyModel`), which grpo/tiny.py builds for the tests and the CPU demo; the tests run
+every family of `TINY_MODELS`.
 """
 
 from __future__ import annotations
 
 import sys
 
+from . import gemma3, internvl, qwen2_vl, qwen3_5, qwen3_vl
 from .base import Family, inner_model, text_config, unwrap
-from .gemma3 import Gemma3Family
-from .internvl import InternVLFamily
-from .qwen2_vl import Qwen2VLFamily
-from .qwen3_5 import Qwen3_5Family
-from .qwen3_vl import Qwen3VLFamily
+from .tiny_parts import TinyModel
 
-FAMILY_CLASSES = (Qwen2VLFamily, Qwen3VLFamily, Qwen3_5Family, Gemma3Family, InternVLFamily)
+FAMILY_MODULES = (qwen2_vl, qwen3_vl, qwen3_5, gemma3, internvl)
+FAMILY_CLASSES = tuple(module.FAMILY for module in FAMILY_MODULES)
+TINY_MODELS: dict[str, TinyModel] = {name: tiny for module in FAMILY_MODULES for name, tiny in module.TINY_MODELS.items()}
 _BY_MODEL_TYPE = {model_type: cls for cls in FAMILY_CLASSES for model_type in cls.model_types}
 
 
@@ -48,4 +51,4 @@ def family_for(model, processor, *, quiet: bool = False, chat_template_kwargs: d
     return family
 
 
-__all__ = ["FAMILY_CLASSES", "Family", "family_class", "family_for", "inner_model", "text_config", "unwrap"]
+__all__ = ["FAMILY_CLASSES", "FAMILY_MODULES", "TINY_MODELS", "Family", "family_class", "family_for", "inner_model", "text_config", "unwrap"]

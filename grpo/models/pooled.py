@@ -1,8 +1,9 @@
 """Families whose vision tower maps each row of `pixel_values` (an image, or a tile of one) to a fixed
 number of soft tokens, and whose language model uses plain 1-D positions: Gemma 3 and InternVL.
 
-Cached features are kept per prompt as one [image tokens, hidden] tensor (the prompt's rows'
-tokens in order) and handed back as the `mm_encoder_outputs` the forward accepts.
+Cached features are kept per prompt as one [image tokens, D] tensor (the prompt's rows' tokens in
+order; D the language model's hidden size) and handed back as the `mm_encoder_outputs` the forward
+accepts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class PooledFeaturesFamily(Family):
         return inner_model(model).get_image_features(pixel_values, return_dict=True)
 
     def image_features(self, model, image_inputs, prompts):
-        pooled = self._vision_output(model, image_inputs["pixel_values"]).pooler_output  # [rows, tokens, hidden]
+        pooled = self._vision_output(model, image_inputs["pixel_values"]).pooler_output  # [rows, tokens, D]
         rows = [inputs["pixel_values"].shape[0] for inputs in prompts.image_inputs if inputs]
         return [(part.flatten(0, 1),) for part in torch.split(pooled, rows)]
 

@@ -17,7 +17,9 @@ import types
 
 from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 
-from .qwen2_vl import Qwen2VLFamily
+from .qwen2_vl import QWEN_FORMAT, Qwen2VLFamily, mrope_section, qwen_processor, qwen_token_ids
+from .qwen3_vl import qwen3_vision
+from .tiny_parts import TinyModel, special_ids
 
 
 def _replace_recurrent_state(layer, recurrent_states, state_idx: int = 0, **kwargs):
@@ -58,3 +60,45 @@ def _each_state(layer, change) -> bool:
         if layer.is_recurrent_states_initialized[i]:
             layer.recurrent_states[i] = change(layer.recurrent_states[i])
     return True
+
+
+FAMILY = Qwen3_5Family
+
+# ---------------------------------------------------------------- tiny model (grpo/tiny.py)
+
+
+def _tiny_qwen3_5(tokenizer, hidden_size, num_layers, min_pixels, max_pixels):
+    # Hybrid: layer_types alternate Gated DeltaNet ("linear_attention": conv + recurrent state in the cache,
+    # a LinearAttentionLayer without batch_select_indices) and gated "full_attention" (every 4th layer in
+    # the real models, every 2nd here). Rotary on a quarter of each head (partial_rotary_factor 0.25), so
+    # mrope_section sums to head_dim / 8. Its processor is Qwen3VLProcessor (the auto mapping's choice;
+    # returns mm_token_type_ids), its vision tower Qwen3-VL's without DeepStack. A saved processor
+    # reloads with Qwen3_5Tokenizer (transformers forces that class for qwen3_5; same ids on our text).
+    # Without causal_conv1d / flash-linear-attention the linear layers run pure-torch kernels (warned).
+    from transformers import Qwen3_5Config, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    if num_layers < 2:
+        raise ValueError(f"qwen3_5 needs num_layers >= 2 (a linear- and a full-attention layer), got {num_layers}")
+    heads, head_dim, rotary_share = 4, 32, 0.25
+    config = Qwen3_5Config(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            layer_types=["linear_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+            num_attention_heads=heads, num_key_value_heads=2, head_dim=head_dim,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+            linear_conv_kernel_dim=4, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary_share,
+                             "mrope_section": mrope_section(int(head_dim * rotary_share), 5 / 16),
+                             "mrope_interleaved": True},
+            tie_word_embeddings=True,
+            **special_ids(tokenizer, QWEN_FORMAT),
+        ),
+        vision_config=qwen3_vision(hidden_size),
+        **qwen_token_ids(tokenizer),
+        tie_word_embeddings=True,
+    )
+    return config, qwen_processor(Qwen3VLProcessor, Qwen3VLVideoProcessor, tokenizer, 16, min_pixels, max_pixels)
+
+
+TINY_MODELS = {"qwen3_5": TinyModel(QWEN_FORMAT, _tiny_qwen3_5)}
