@@ -289,6 +289,9 @@ def grpo_steps(model, processor, rows: list[dict], shape: dict, args, parameters
             # AdamW on the bf16 weights themselves: fp32 master weights (the default, 12 more bytes per
             # trained parameter) do not fit beside a 7-8B model on one GPU; this check times steps.
             master_weights=False,
+            # The steps decode as the decode section's second record does (compiled unless --compile-decode off);
+            # their first step carries the compilation.
+            compile_decode=args.compile_decode == "on",
         )
         trainer = Trainer(model, processor, [length_reward], rows, cfg)
         trainer.save = lambda step: None  # the end-of-run checkpoint (tens of GB at 7B) is not what is measured
@@ -317,9 +320,9 @@ def grpo_steps(model, processor, rows: list[dict], shape: dict, args, parameters
         own_shared = (shared[: len(own)] - own).abs()[checked]
         own_plain = (plain[: len(own)] - own).abs()[checked]
     step_s = [h["step_time"] for h in history]
-    timed = step_s[1:]  # the first step carries CUDA / allocator warm-up
+    timed = step_s[1:]  # the first step carries CUDA / allocator warm-up (and the decoding step's compilation)
     return {
-        "beta": beta, "reference_model": beta > 0,
+        "beta": beta, "reference_model": beta > 0, "steps_compile_decode": args.compile_decode == "on",
         "step_s": step_s, "s_per_step": sum(timed) / len(timed),
         "tokens_per_s": sum(h["tokens_per_sec"] for h in history[1:]) / len(timed),
         "peak_gpu_memory_gib": peak / 2**30 if peak is not None else None,
