@@ -1,6 +1,9 @@
 import copy
 
+import pytest
 import torch
+
+import grpo.sampling
 
 from grpo.logprobs import plain_logprobs
 from grpo.models import family_for
@@ -61,6 +64,24 @@ def test_eos_everywhere_ends_after_one_token(tiny_parts, toy_rows):
     _boost(model, [eos])
     out = generate(family, model, prompts, SamplingParams(max_new_tokens=10, temperature=0.0), group_size=2)
     assert out.ids.shape == (4, 1) and out.ids.eq(eos).all() and out.mask.eq(1).all() and not out.truncated.any()
+
+
+@pytest.mark.parametrize("amount", [4.0, 6.0])  # some completions run to the limit / every one ends early
+def test_checking_for_the_end_every_few_steps_gives_the_same_completions(tiny_parts, toy_rows, monkeypatch, amount):
+    """On a GPU the loop asks whether every completion has ended only every 16 steps (each question
+    waits for the device) and cuts the extra padding steps off: the same ids, masks and lengths as
+    asking at every step."""
+    model, family, prompts = _setup(tiny_parts, toy_rows)
+    _boost(model, family.eos_ids, amount=amount)
+    outs = {}
+    for every in (1, 4, 5):
+        monkeypatch.setattr(grpo.sampling, "done_check_interval", lambda device, every=every: every)
+        outs[every] = generate(family, model, prompts, SamplingParams(max_new_tokens=24), group_size=4,
+                               generator=torch.Generator().manual_seed(1))
+    assert (outs[1].ids.shape[1] < 24) == (amount == 6.0)  # all ended early: the loop stopped before the limit
+    for every in (4, 5):
+        assert torch.equal(outs[every].ids, outs[1].ids) and torch.equal(outs[every].mask, outs[1].mask)
+        assert torch.equal(outs[every].truncated, outs[1].truncated)
 
 
 def test_logprobs_equal_plain_full_forward(tiny_parts, toy_rows):
