@@ -52,10 +52,13 @@ def panels_of(records: list[dict]) -> dict[str, list[tuple[str, str]]]:
         chosen = {title: [(key, "")] for title, key in SFT_PANELS.items()}
     else:
         names = reward_names(records)
+        # The trainer logs the rollouts' accuracy as "accuracy" (its accuracy rule); older runs: by name.
         accuracy = next((name for name in names if "accuracy" in name), None)
+        train = "accuracy" if any("accuracy" in record for record in records) else (
+            f"rewards/{accuracy}/mean" if accuracy else None)
         chosen = {"reward (train rollouts)": [("reward", "")]}
         chosen.update({f"reward: {name}": [(f"rewards/{name}/mean", "")] for name in names})
-        chosen["accuracy"] = ([(f"rewards/{accuracy}/mean", " train")] if accuracy else []) + [("eval/accuracy", " eval")]
+        chosen["accuracy"] = ([(train, " train")] if train else []) + [("eval/accuracy", " eval")]
         chosen.update({title: [(key, "")] for title, key in GRPO_PANELS.items() if title not in chosen})
     return {title: lines for title, lines in chosen.items() if any(_series(records, key)[0] for key, _ in lines)}
 

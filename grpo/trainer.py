@@ -204,6 +204,8 @@ class Trainer(BaseTrainer):
         self.eval_dataset = eval_dataset
         self.eval_reward_funcs = eval_reward_funcs or self.reward_funcs
         accuracy_name(self.eval_reward_funcs, cfg.accuracy)  # a misspelt name fails now, not at the first evaluation
+        names = [reward_name(f) for f in self.reward_funcs]  # the training rewards' accuracy, logged as "accuracy"
+        self._train_accuracy = accuracy_name(self.reward_funcs, cfg.accuracy if cfg.accuracy in names else None)
         # The reference is copied before DeepSpeed partitions the policy, sharing its frozen vision
         # tower. Under LoRA there is none to copy (ref_model stays None): the policy with its adapters
         # switched off is the reference.
@@ -436,6 +438,8 @@ class Trainer(BaseTrainer):
             name = reward_name(func)
             record[f"rewards/{name}/mean"] = valid.mean().item() if len(valid) else None
             record[f"rewards/{name}/std"] = valid.std().item() if len(valid) > 1 else None
+        if self._train_accuracy is not None:  # the rollouts' accuracy, by the rule evaluation uses (plots read it)
+            record["accuracy"] = record[f"rewards/{self._train_accuracy}/mean"]
         record.update({
             "lr": self.opt.lr,
             "completion_length/mean": lengths.mean().item(),

@@ -93,9 +93,9 @@ def test_evaluate_accuracy_named_explicitly(tiny_parts, toy_rows, scripted_compl
 
 def grpo_trainer(tiny_parts, toy_rows, tmp_path, funcs, **overrides):
     model, processor = tiny_parts
-    config = GRPOConfig(output_dir=str(tmp_path), group_size=2, prompts_per_step=2, completions_per_micro_batch=4,
-                        max_completion_length=4, max_steps=1, save_steps=0, eval_steps=1, eval_batch_size=4,
-                        log_completions=0, beta=0.0, **overrides)
+    settings = dict(group_size=2, prompts_per_step=2, completions_per_micro_batch=4, max_completion_length=4,
+                    max_steps=1, save_steps=0, eval_steps=1, eval_batch_size=4, log_completions=0, beta=0.0)
+    config = GRPOConfig(output_dir=str(tmp_path), **{**settings, **overrides})
     return Trainer(copy.deepcopy(model), processor, funcs, toy_rows[:8], config, eval_dataset=toy_rows[8:12])
 
 
@@ -118,6 +118,7 @@ def test_grpo_eval_accuracy_follows_the_same_rule(tiny_parts, toy_rows, tmp_path
 def test_grpo_without_an_accuracy_reward_logs_and_shows_none(tiny_parts, toy_rows, tmp_path, capsys):
     history = grpo_trainer(tiny_parts, toy_rows, tmp_path, [format_reward]).train()
     assert "eval/format_reward" in history[-1] and "eval/accuracy" not in history[-1]
+    assert "accuracy" not in history[-1]  # nor a training accuracy
     assert "eval acc" not in capsys.readouterr().err  # the progress line shows no accuracy
 
 
@@ -135,3 +136,14 @@ def test_command_line_accuracy_by_reward_key_or_name(tmp_path):
         with pytest.raises(ValueError, match=rf"run.yaml \[{section}.accuracy\]: accuracy='anwser' .* valid: "
                                              r"format_reward, answer_reward \(or their keys under rewards: format, answer\)"):
             _accuracy(*run_with(section, "anwser"), section)
+
+
+def test_training_accuracy_is_logged_and_plotted_by_the_same_rule(tiny_parts, toy_rows, tmp_path):
+    from grpo.plot import panels_of
+
+    history = grpo_trainer(tiny_parts, toy_rows, tmp_path / "answer", [format_reward, answer_reward], max_steps=2).train()
+    assert [h["accuracy"] for h in history] == [h["rewards/answer_reward/mean"] for h in history]
+    assert ("accuracy", " train") in panels_of(history)["accuracy"]  # answer_reward has no "accuracy" in its name
+    named = grpo_trainer(tiny_parts, toy_rows, tmp_path / "named", [format_reward, answer_reward],
+                         accuracy="format_reward").train()
+    assert named[-1]["accuracy"] == named[-1]["rewards/format_reward/mean"]
