@@ -163,7 +163,8 @@ def test_the_command_line_passes_template_arguments_to_evaluation(tmp_path, toy_
 def test_a_real_checkpoint_loaded_in_bf16_trains_and_decodes_the_same_tokens_statically(real_checkpoint, folder,
                                                                                        tmp_path):
     """Loaded by path in bf16 as a user loads a published checkpoint: GRPO steps move the bf16 weights
-    (fp32 master weights), and static-shape decoding samples the eager loop's tokens in bf16 too."""
+    (fp32 master weights), and static-shape decoding samples the eager loop's tokens in bf16 too, on the
+    real layer patterns (Gemma 3's sliding-window layers, Qwen3.5's linear attention)."""
     from grpo.decoding import StaticDecoder
     from grpo.logprobs import with_image_features
     from grpo.sampling import SamplingParams, generate
@@ -196,3 +197,4 @@ def test_a_real_checkpoint_loaded_in_bf16_trains_and_decodes_the_same_tokens_sta
     runs = [generate(family, model, prompts, params, group_size=2, decoder=d, generator=torch.Generator().manual_seed(5))
             for d in (None, StaticDecoder(compile=False))]
     assert torch.equal(runs[0].ids, runs[1].ids)
+    assert StaticDecoder().why_not(family, model) is None  # the static path ran: Gemma's sliding and Qwen3.5's linear layers too
